@@ -1,0 +1,3 @@
+from tunelab.cli.app import main
+
+main()

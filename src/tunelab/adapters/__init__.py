@@ -1,0 +1,1 @@
+"""Adapters: LoRA layers, injection, merge, and the PEFT on-disk layout."""

@@ -1,0 +1,157 @@
+"""LoRA: low-rank adapters on linear layers (Hu et al. 2021, arXiv:2106.09685, Eq. 3).
+
+``y = W x + (alpha / r) · B A x`` with ``A`` (r × in) initialized Kaiming-uniform and ``B``
+(out × r) initialized to zero, so the adapted model equals the base model at step 0. rsLoRA
+(Kalajdzievski 2023, arXiv:2312.03732) scales by ``alpha / sqrt(r)`` instead.
+
+Module layout mirrors PEFT's so state-dict keys map one-to-one: the wrapped layer keeps its
+name and holds ``base_layer``, ``lora_A`` and ``lora_B``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update.
+
+    Args:
+        base_layer: the pre-trained linear layer (its parameters are frozen).
+        r: rank.
+        alpha: scaling numerator.
+        dropout: dropout probability on the LoRA input; 0 adds no op to the forward.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    Shapes: input (..., in_features) → output (..., out_features), same dtype as the input.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        self.disabled = False
+        base_layer.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``scaling · B A`` as an (out_features, in_features) matrix."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight (forward then skips the LoRA branch)."""
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again."""
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the ``nn.Linear`` modules to adapt.
+
+    Args:
+        target_modules: ``"all-linear"`` (every linear layer except the output head, as in PEFT),
+            or name suffixes (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), or regexes
+            prefixed with ``re:`` matched against the full name.
+
+    Raises:
+        ValueError: nothing matches.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output or isinstance(module, LoRALinear):
+            continue
+        if ".lora_A" in name or ".lora_B" in name:
+            continue
+        if target_modules == "all-linear" or any(_matches(name, t) for t in target_modules):
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora.target_modules={target_modules!r} matches no linear layer of the model")
+    return names
+
+
+def inject_lora(
+    model: nn.Module, target_modules: list[str] | str, r: int, alpha: float, dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace the target linear layers with :class:`LoRALinear` in place and freeze everything else.
+
+    Returns:
+        The adapted module names (PEFT's key prefix without ``base_model.model.``).
+    """
+    names = find_target_modules(model, target_modules)
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """All LoRA layers of a model with their module names."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Merge every adapter into its base weight; with ``unload`` put the plain linears back."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        if unload:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.base_layer)
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the model as its base model (adapters skipped), e.g. as the DPO/PPO reference."""
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)

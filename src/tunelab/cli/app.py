@@ -1,0 +1,134 @@
+"""The ``tunelab`` command. User errors print one clear message and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(help="Fine-tune pre-trained models with one command.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Look at training data before training.", no_args_is_help=True)
+config_app = typer.Typer(help="Work with config files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 lora.r=32.")]
+
+
+@app.command()
+def train(
+    config: ConfigArg, overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint directory.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output_dir.")] = False,
+) -> None:
+    """Train as the config says (task: sft)."""
+    from tunelab.config.load import load_config
+    from tunelab.recipes import sft
+
+    cfg = load_config(config, overrides or [])
+    recipes = {"sft": sft.train}
+    recipes[cfg.task](cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run (or any HF model / PEFT adapter directory).")],
+    prompt: Annotated[Optional[str], typer.Option(help="Answer this one message and exit.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply budget in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+) -> None:
+    """Talk to a trained model; replies stream token by token. Empty line or Ctrl-D quits."""
+    from transformers import TextStreamer
+
+    from tunelab.adapters.lora import merge_lora
+    from tunelab.models.generate import generate_replies
+    from tunelab.models.run import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    merge_lora(model)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        message = prompt if prompt is not None else _read_user()
+        if not message:
+            return
+        history.append({"role": "user", "content": message})
+        console.print("[bold green]assistant>[/] ", end="")
+        reply = generate_replies(model, tokenizer, [history], max_new_tokens=max_new_tokens, streamer=streamer,
+                                 do_sample=temperature > 0, temperature=temperature or 1.0)[0]
+        history.append({"role": "assistant", "content": reply})
+        if prompt is not None:
+            return
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A finished LoRA run or PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for the merged model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
+    from tunelab.adapters.lora import merge_lora
+    from tunelab.models.run import load_run
+    from tunelab.training.checkpoint import atomic_dir, commit_dir
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TunelabError(f"{out} is not empty; pass --overwrite to replace it")
+    model, tokenizer, info = load_run(run_dir)
+    if info["method"] != "lora":
+        raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
+    merge_lora(model)
+    tmp = atomic_dir(out.resolve())
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    commit_dir(tmp, out.resolve())
+    console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: ConfigArg, overrides: Overrides = None,
+    num_examples: Annotated[int, typer.Option("-n", "--num-examples", help="Examples to print.")] = 3,
+) -> None:
+    """Rendered examples with supervised tokens highlighted, token counts, drops and length histogram."""
+    from tunelab.cli.inspect_data import inspect_data
+    from tunelab.config.load import load_config
+
+    inspect_data(load_config(config, overrides or []), num_examples, console)
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Print the fully resolved config (every key, defaults filled in)."""
+    from tunelab.config.load import dump_config, load_config
+
+    print(dump_config(load_config(config, overrides or [])), end="")
+
+
+def _read_user() -> str:
+    try:
+        return console.input("[bold blue]you>[/] ").strip()
+    except EOFError:
+        return ""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except TunelabError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)

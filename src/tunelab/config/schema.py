@@ -1,0 +1,169 @@
+"""The config schema: every knob tunelab has, with its default and meaning.
+
+Defaults live here and only here; recipes read typed fields. Unknown keys are errors
+(``extra="forbid"``), so a misspelled key never silently falls back to a default.
+The README's config reference is written from this file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which pre-trained model to start from and how to load it."""
+
+    name_or_path: str = Field(
+        description="Built-in alias (smollm2-135m-instruct, all-minilm-l6-v2), local HF directory, "
+        "path to a .gguf file, or a hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo.")
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (.bin) weights; by default only safetensors load."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, "
+        "or an inline Jinja template. Default: the tokenizer's own template.",
+    )
+
+
+class DataSource(StrictModel):
+    """One dataset: a local file, a built-in packaged dataset, or a hub dataset."""
+
+    path: str = Field(
+        description="Local .json/.jsonl/.csv/.parquet file, 'builtin:NAME' (see README), or a hub dataset id."
+    )
+    name: str | None = Field(None, description="Hub dataset config name, or the built-in dataset's subset.")
+    split: str = Field("train", description="Split to read (hub and built-in datasets).")
+
+
+class DataConfig(StrictModel):
+    """What to train on and how examples become tokens."""
+
+    train: DataSource = Field(description="Training data.")
+    validation: DataSource | None = Field(
+        None, description="Held-out data. If unset, `val_fraction` of train is held out."
+    )
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of train held out when no validation source is given."
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Record format; 'auto' detects it from the fields of the first record."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map a canonical field (messages, conversations, instruction, input, output, prompt, "
+        "completion, text, system) to the column your data uses, e.g. {prompt: question}.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to every conversation that has none.")
+    max_seq_len: int = Field(1024, ge=8, description="Longest example in tokens.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Examples longer than max_seq_len: 'truncate' keeps the first max_seq_len tokens, "
+        "'drop' removes the example. Raw text is split into max_seq_len blocks instead.",
+    )
+    supervise: Literal["assistant", "last_turn", "all"] = Field(
+        "assistant",
+        description="Which tokens count in the loss: every assistant reply (+ its end-of-turn token), only "
+        "the last reply, or every token.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples into each row of up to max_seq_len tokens, with position_ids "
+        "restarting per example so none attends across a boundary (no padding).",
+    )
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapter settings (Hu et al. 2021, arXiv:2106.09685)."""
+
+    r: int = Field(16, ge=1, description="Rank of the update B·A.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (0 = no op).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="'all-linear' (every nn.Linear but the output head) or module-name suffixes, "
+        "e.g. [q_proj, v_proj].",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA, arXiv:2312.03732).")
+
+
+class TrainConfig(StrictModel):
+    """Optimizer, schedule, batching and checkpointing."""
+
+    method: Literal["lora", "full", "freeze"] = Field(
+        "lora", description="'lora': train adapters only; 'full': all weights; 'freeze': only `trainable_modules`."
+    )
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="With method=freeze: parameter-name substrings to train."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(1, ge=1, description="Sequences per micro-batch (packed rows when packing).")
+    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases, norms, embeddings).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warmup as a fraction of total steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null = off).")
+    seed: int = Field(0, description="Seed for init, shuffling and dropout.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' = fp32 on CPU, bf16 autocast on GPU with bf16 support."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chunked_ce: bool = Field(
+        True, description="Compute the LM loss in chunks of tokens so full-vocab logits are never materialized."
+    )
+    ce_chunk_size: int = Field(1024, ge=16, description="Tokens per cross-entropy chunk.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between metrics lines.")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (null = end only).")
+    save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints (null = end only).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+class EvalConfig(StrictModel):
+    """What the run reports before and after training."""
+
+    before_training: bool = Field(True, description="Evaluate the starting model before training.")
+    sample_questions: int = Field(
+        3, ge=0, description="Held-out prompts answered by the starting and fine-tuned model, side by side."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget for the side-by-side answers (tokens).")
+    batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
+
+
+class Config(StrictModel):
+    """A whole run. ``task`` says which recipe reads it."""
+
+    task: Literal["sft"] = Field("sft", description="Recipe: 'sft' (supervised fine-tuning / continued pre-training).")
+    output_dir: str = Field("runs/default", description="Where the trained model, checkpoints and metrics go.")
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Used when train.method = lora.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Config:
+        if self.train.method == "freeze" and not self.train.trainable_modules:
+            raise ValueError("train.method=freeze needs train.trainable_modules (parameter-name substrings)")
+        return self

@@ -1,0 +1,1 @@
+"""Data pipeline: sources → formats → templates → tokenize → packing/collate."""

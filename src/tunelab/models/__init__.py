@@ -1,0 +1,1 @@
+"""Model loading (HF dirs, hub ids, GGUF files, built-in aliases)."""

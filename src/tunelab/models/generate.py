@@ -1,0 +1,50 @@
+"""Batched generation from chat prompts (left padding, KV cache on)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def encode_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
+    """Render conversations with the generation prompt and left-pad them into one batch.
+
+    Returns ``input_ids`` (B, T) and ``attention_mask`` (B, T), padded on the left so every
+    prompt ends at the last column and generation continues from the same position.
+    """
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def generate_replies(
+    model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 64,
+    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, streamer: Any = None,
+) -> list[str]:
+    """The assistant's next reply to each conversation (greedy by default), as text.
+
+    Stops at the tokenizer's EOS (the end-of-turn token for chat models) or ``max_new_tokens``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in encode_prompts(tokenizer, conversations).items()}
+    kwargs = {"do_sample": do_sample}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **kwargs,
+    )
+    model.train(was_training)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

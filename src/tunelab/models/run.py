@@ -1,0 +1,79 @@
+"""A finished run directory: save it so anything can load it, and load it back.
+
+Layout of ``output_dir``:
+  * LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout);
+    full/freeze: ``config.json`` + ``model.safetensors`` (plain transformers layout),
+  * the tokenizer files (with the chat template used in training),
+  * ``config.yaml`` (resolved config), ``tunelab.json`` (version, base model, method, results),
+  * ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tunelab import __version__
+from tunelab.adapters.peft_format import load_adapter, save_adapter
+from tunelab.errors import ModelLoadError
+from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
+from tunelab.training.checkpoint import atomic_dir
+
+RUN_INFO = "tunelab.json"
+
+
+def save_run(
+    output_dir: Path, model: nn.Module, tokenizer: Any, *, method: str, base_model: str, config_yaml: str,
+    results: dict[str, Any], task_type: str = "CAUSAL_LM", modules_to_save: list[str] = (),
+) -> None:
+    """Write the final model and run files; each file is written aside and renamed into place."""
+    tmp = atomic_dir(output_dir / "final")
+    try:
+        base_path = resolve_model_path(base_model)
+        if method == "lora":
+            save_adapter(model, tmp, base_model_name_or_path=str(Path(base_path).resolve()) if Path(base_path).exists()
+                         else base_path, task_type=task_type, modules_to_save=list(modules_to_save))
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "config.yaml").write_text(config_yaml)
+        info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
+                "base_model_path": base_path, "task_type": task_type, "results": results}
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
+        for item in tmp.iterdir():
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """``tunelab.json`` of a run, or a synthetic one for a plain HF/PEFT directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_INFO
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (run_dir / "adapter_config.json").is_file():
+        base = json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return {"method": "lora", "base_model": base, "base_model_path": base}
+    if (run_dir / "config.json").is_file():
+        return {"method": "full", "base_model": str(run_dir)}
+    raise ModelLoadError(f"{run_dir} is not a tunelab run, a PEFT adapter or a model directory")
+
+
+def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Model (base + adapter, or full weights), tokenizer and run info of a finished run."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    tokenizer = load_tokenizer(str(run_dir))
+    if info["method"] == "lora":
+        model = load_model(info.get("base_model_path") or info["base_model"], auto_class, **kwargs)
+        load_adapter(model, run_dir)
+    else:
+        model = load_model(str(run_dir), auto_class, **kwargs)
+    model.eval()
+    return model, tokenizer, info

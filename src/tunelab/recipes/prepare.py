@@ -1,0 +1,82 @@
+"""Steps every recipe shares before its loop: seeding, output-dir safety, trainable-parameter setup."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.adapters.lora import inject_lora
+from tunelab.config.schema import Config
+from tunelab.errors import TunelabError
+from tunelab.training.checkpoint import list_checkpoints
+
+
+def seed_everything(seed: int, threads: int | None) -> None:
+    """Seed Python and torch RNGs; set torch's CPU thread count if given."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: bool) -> Path | None:
+    """Refuse to clobber an existing run; return the checkpoint to resume from, if any.
+
+    Raises:
+        TunelabError: the directory already holds a run and neither resume nor overwrite was
+            asked for, or resume was asked for and there is no checkpoint.
+    """
+    existing = list_checkpoints(output_dir)
+    if resume:
+        if isinstance(resume, str) and resume not in ("latest", "true"):
+            path = Path(resume)
+            if not (path / "state.json").is_file():
+                raise TunelabError(f"--resume {resume}: not a checkpoint directory (no state.json)")
+            return path
+        if not existing:
+            raise TunelabError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}")
+        return existing[-1]
+    if (existing or (output_dir / "tunelab.json").exists()) and not overwrite:
+        raise TunelabError(
+            f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output_dir"
+        )
+    if overwrite:
+        for ckpt in existing:
+            import shutil
+
+            shutil.rmtree(ckpt)
+    return None
+
+
+def setup_trainable(model: nn.Module, config: Config) -> list[str]:
+    """Make the parameters ``train.method`` names trainable; returns LoRA-adapted module names."""
+    method = config.train.method
+    if method == "lora":
+        lc = config.lora
+        return inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora)
+    if method == "freeze":
+        model.requires_grad_(False)
+        matched = [n for n, p in model.named_parameters() if any(s in n for s in config.train.trainable_modules)]
+        if not matched:
+            raise TunelabError(f"train.trainable_modules={config.train.trainable_modules} matches no parameter")
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in matched)
+    else:
+        model.requires_grad_(True)
+    return []
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: works with frozen inputs (LoRA) without hooks."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

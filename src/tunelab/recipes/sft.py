@@ -1,0 +1,142 @@
+"""Supervised fine-tuning (and continued pre-training on raw text) of a causal LM.
+
+format → template → tokenize → pack/collate → model → chunked CE loss → AdamW step.
+Reports held-out loss/perplexity before and after, and the starting and fine-tuned model's
+answers to a few held-out prompts side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.config.load import dump_config
+from tunelab.config.schema import Config
+from tunelab.data.batching import sft_batch_plan
+from tunelab.data.pipeline import prepare_data
+from tunelab.data.templates import resolve_chat_template
+from tunelab.eval.perplexity import evaluate_lm
+from tunelab.models.causal_lm import lm_loss
+from tunelab.models.generate import generate_replies
+from tunelab.models.loading import load_model, load_tokenizer
+from tunelab.models.run import save_run
+from tunelab.recipes.prepare import (
+    check_output_dir, count_parameters, enable_gradient_checkpointing, seed_everything, setup_trainable,
+)
+from tunelab.training.loop import fit
+from tunelab.training.metrics import plot_loss_curve
+from tunelab.training.precision import pick_device
+
+
+def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
+          console: Console | None = None) -> dict[str, Any]:
+    """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""
+    console = console or Console()
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    resume_from = check_output_dir(output_dir, resume, overwrite)
+    seed_everything(config.train.seed, config.train.threads)
+    device = pick_device()
+    config_yaml = dump_config(config)
+
+    tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+                               revision=config.model.revision)
+    resolve_chat_template(tokenizer, config.model.chat_template)
+    data = prepare_data(config.data, tokenizer, config.train.seed)
+    console.print(f"[bold]data[/] format={data.format} train={data.train_stats.summary()}")
+    if data.validation:
+        console.print(f"[bold]data[/] held-out={data.validation_stats.summary()}")
+
+    model = load_model(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+                       allow_pickle=config.model.allow_pickle, revision=config.model.revision,
+                       attn_implementation=config.model.attn_implementation).to(device)
+    tc = config.train
+    eval_batches = sft_batch_plan(data.validation, batch_size=config.eval.batch_size,
+                                  max_seq_len=config.data.max_seq_len, packing=config.data.packing, shuffle=False,
+                                  seed=0, pad_token_id=tokenizer.pad_token_id).make_epoch(0) if data.validation else []
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_lm(model, eval_batches, device, precision=tc.precision, chunked=tc.chunked_ce,
+                           chunk_size=tc.ce_chunk_size)
+
+    prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
+    before = evaluate() if eval_batches and config.eval.before_training and resume_from is None else None
+    answers_before = _answers(model, tokenizer, prompts, config) if resume_from is None else []
+    if before:
+        console.print(f"[bold]before[/] held-out loss {before['loss']:.4f}  ppl {before['ppl']:.2f}")
+
+    setup_trainable(model, config)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable, total = count_parameters(model)
+    console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
+                  f"({tc.method}), device {device}")
+    plan = sft_batch_plan(data.train, batch_size=tc.batch_size, max_seq_len=config.data.max_seq_len,
+                          packing=config.data.packing, shuffle=config.data.shuffle, seed=tc.seed,
+                          pad_token_id=tokenizer.pad_token_id)
+    result = fit(
+        model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size),
+        lambda b: b["num_supervised"], tc, output_dir, config_yaml,
+        evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device,
+    )
+    after = next((r for r in reversed(result.history) if "eval/loss" in r), None)
+    after = {"loss": after["eval/loss"], "ppl": after["eval/ppl"]} if after else None
+    answers_after = _answers(model, tokenizer, prompts, config)
+
+    results = {"train": data.train_stats.summary(), "held_out_before": before, "held_out_after": after,
+               "steps": result.state.step, "train_seconds": round(time.perf_counter() - started, 1),
+               "samples": [{"prompt": p[-1]["content"], "before": b, "after": a}
+                           for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
+    model.train(False)
+    save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
+             config_yaml=config_yaml, results=results)
+    plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")
+    _report(console, results, output_dir)
+    return results
+
+
+def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[str, str]]]:
+    prompts = []
+    for example in examples:
+        messages = example.get("messages")
+        if not messages:
+            continue
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+        if last > 0 and messages[:last] not in prompts:
+            prompts.append(messages[:last])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def _answers(model, tokenizer, prompts, config: Config) -> list[str]:
+    if not prompts or not tokenizer.chat_template:
+        return []
+    return generate_replies(model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens)
+
+
+def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None:
+    before, after = results["held_out_before"], results["held_out_after"]
+    if after:
+        table = Table(title="held-out loss (nats/token) and perplexity")
+        for col in ("", "loss", "perplexity"):
+            table.add_column(col)
+        if before:
+            table.add_row("before", f"{before['loss']:.4f}", f"{before['ppl']:.2f}")
+        table.add_row("after", f"{after['loss']:.4f}", f"{after['ppl']:.2f}")
+        if before:
+            table.add_row("change", f"{after['loss'] - before['loss']:+.4f}",
+                          f"{after['ppl'] / before['ppl']:.2f}×")
+        console.print(table)
+    if results["samples"]:
+        table = Table(title="held-out questions: starting model vs fine-tuned", show_lines=True)
+        for col in ("question", "before", "after"):
+            table.add_column(col, ratio=1)
+        for s in results["samples"]:
+            table.add_row(s["prompt"], s["before"] or "-", s["after"])
+        console.print(table)
+    console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

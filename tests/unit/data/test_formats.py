@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from tunelab.config.schema import DataSource
+from tunelab.data.formats import detect_format, to_example
+from tunelab.data.sources import load_records
+from tunelab.errors import DataError
+
+
+def test_detects_each_format():
+    assert detect_format({"messages": []}, {}) == "messages"
+    assert detect_format({"conversations": [{"from": "human", "value": "x"}]}, {}) == "sharegpt"
+    assert detect_format({"instruction": "a", "output": "b"}, {}) == "alpaca"
+    assert detect_format({"prompt": "a", "completion": "b"}, {}) == "prompt_completion"
+    assert detect_format({"text": "a"}, {}) == "text"
+    assert detect_format({"question": "a", "answer": "b"}, {"prompt": "question", "completion": "answer"}) == "prompt_completion"
+    with pytest.raises(DataError, match="data.format"):
+        detect_format({"foo": 1}, {})
+
+
+def test_sharegpt_roles_map_to_messages():
+    record = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                                {"from": "gpt", "value": "a"}]}
+    assert to_example(record, "sharegpt", {}, "r") == {"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+def test_alpaca_joins_instruction_and_input():
+    example = to_example({"instruction": "Translate", "input": "hola", "output": "hello"}, "alpaca", {}, "r")
+    assert example["messages"][0]["content"] == "Translate\n\nhola"
+    assert example["messages"][1] == {"role": "assistant", "content": "hello"}
+
+
+def test_column_mapping():
+    example = to_example({"q": "hi", "a": "yo"}, "prompt_completion", {"prompt": "q", "completion": "a"}, "r")
+    assert example == {"prompt": "hi", "completion": "yo"}
+
+
+def test_missing_field_names_record_and_expected_fields():
+    with pytest.raises(DataError) as err:
+        to_example({"instruction": "x"}, "alpaca", {}, "train.jsonl record #7")
+    assert "record #7" in str(err.value) and "'output'" in str(err.value) and "instruction" in str(err.value)
+
+
+def test_bad_role_is_named():
+    with pytest.raises(DataError, match="turn 1 has role 'robot'"):
+        to_example({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+                   "messages", {}, "r")
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n\n" + '{"text": "broken"\n')
+    with pytest.raises(DataError) as err:
+        load_records(DataSource(path=str(path)))
+    assert f"{path}:3" in str(err.value)
+
+
+def test_local_jsonl_csv_parquet(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"), index=False)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for name in ("d.jsonl", "d.csv", "d.parquet"):
+        assert load_records(DataSource(path=str(tmp_path / name))) == rows
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_records(DataSource(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_builtin_chatterbot_splits_by_question():
+    train = load_records(DataSource(path="builtin:chatterbot", split="train"))
+    held = load_records(DataSource(path="builtin:chatterbot", split="validation"))
+    train_q = {r["messages"][0]["content"] for r in train}
+    held_q = {r["messages"][0]["content"] for r in held}
+    assert train and held and not (train_q & held_q)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunelab.losses.advantages import (
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_token_rewards,
+)
+
+F64 = torch.float64
+
+
+def test_masked_mean_var_ignore_padding_even_nan() -> None:
+    x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 3.0], dtype=F64))
+    # values 1, 2, 3: mean 2, squared deviations 1, 0, 1.
+    assert masked_var(x, mask).item() == pytest.approx(2 / 2)
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(2 / 3)
+    w = masked_whiten(x, mask)
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64))
+    w2 = masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(w2[mask], torch.tensor([1.0, 2.0, 3.0], dtype=F64))
+
+
+def test_masked_mean_empty_is_zero_and_rejects_non_bool_mask() -> None:
+    x = torch.ones(2, 3)
+    assert masked_mean(x, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(TypeError):
+        masked_mean(x, torch.ones(2, 3))
+
+
+def test_gae_gamma_lam_one_is_reward_to_go_minus_values() -> None:
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 99.0]], dtype=F64)
+    values = torch.tensor([[0.1, 0.2, 0.3], [1.0, 2.0, 99.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    expected_adv = torch.tensor(
+        [
+            [(1 + 2 + 3) - 0.1, (2 + 3) - 0.2, 3 - 0.3],
+            [(0.5 - 1.0) - 1.0, -1.0 - 2.0, 0.0],
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(adv, expected_adv)
+    expected_ret = torch.tensor([[6.0, 5.0, 3.0], [-0.5, -1.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(ret, expected_ret)
+    assert not adv.requires_grad
+
+
+def test_gae_gamma_lam_hand_worked() -> None:
+    gamma, lam = 0.9, 0.8
+    r = [0.5, -1.0, 2.0]
+    v = [1.0, 0.5, -0.5]
+    # Padded 4th position with garbage must be ignored.
+    rewards = torch.tensor([r + [float("nan")]], dtype=F64)
+    values = torch.tensor([v + [1e6]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False]])
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    d2 = 2.0 - (-0.5)  # terminal: V after last real token is 0
+    d1 = -1.0 + 0.9 * (-0.5) - 0.5
+    d0 = 0.5 + 0.9 * 0.5 - 1.0
+    a2 = d2
+    a1 = d1 + 0.9 * 0.8 * a2
+    a0 = d0 + 0.9 * 0.8 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]], dtype=F64))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 1.0, a1 + 0.5, a2 - 0.5, 0.0]], dtype=F64))
+
+
+def test_gae_rejects_non_right_padded_mask() -> None:
+    x = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="right-padded"):
+        gae(x, x, torch.tensor([[True, False, True]]), 1.0, 1.0)
+
+
+def test_ppo_token_rewards_score_at_last_real_token() -> None:
+    scores = torch.tensor([10.0, -2.0, 7.0], dtype=F64)
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0], [1.0, 1.0, 1.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
+    out = ppo_token_rewards(scores, kl, mask, kl_coef=0.5)
+    expected = torch.tensor(
+        [
+            [-0.05, -0.1, -0.15 + 10.0],
+            [-0.2, -0.25 - 2.0, 0.0],
+            [0.0, 0.0, 0.0],  # no real token: score dropped
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_grpo_advantages_unbiased_std() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0])
+    adv = grpo_advantages(rewards, group_size=4)
+    # Group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3).
+    a = 0.5 / (math.sqrt(1.0 / 3.0) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_grpo_advantages_dr_grpo_no_std() -> None:
+    adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4, scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_grpo_advantages_errors() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        grpo_advantages(torch.zeros(6), group_size=4)
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\]"):
+        grpo_advantages(torch.tensor([0.0, 1.0, float("nan"), 1.0]), group_size=2)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(torch.zeros(4), group_size=1)

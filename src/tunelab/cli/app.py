@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,13 +31,12 @@ def train(
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output_dir.")] = False,
 ) -> None:
-    """Train as the config says (task: sft)."""
+    """Train as the config says (``task`` picks the recipe)."""
     from tunelab.config.load import load_config
-    from tunelab.recipes import sft
+    from tunelab.recipes import get_recipe
 
     cfg = load_config(config, overrides or [])
-    recipes = {"sft": sft.train}
-    recipes[cfg.task](cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
+    get_recipe(cfg.task)(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
 
 
 @app.command()
@@ -115,6 +115,12 @@ def config_show(config: ConfigArg, overrides: Overrides = None) -> None:
     print(dump_config(load_config(config, overrides or [])), end="")
 
 
+# Task-specific commands live in their own modules; each has `register(app, console)`.
+COMMAND_MODULES: tuple[str, ...] = ()
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app, console)
+
+
 def _read_user() -> str:
     try:
         return console.input("[bold blue]you>[/] ").strip()
@@ -122,12 +128,22 @@ def _read_user() -> str:
         return ""
 
 
+def _quiet_libraries() -> None:
+    """Hide library progress bars for steps that take well under a second (loading, datasets)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console-script entry point."""
+    _quiet_libraries()
     try:
         app()
     except TunelabError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -1,1 +1,20 @@
-"""Recipes: each a flat ``train(config) -> result`` function that reads top to bottom."""
+"""Recipes: each a flat ``train(config, *, resume, overwrite, console) -> result`` function.
+
+``config.task`` picks the recipe module from :data:`RECIPES`; modules are imported lazily so a
+command only pays for what it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+RECIPES: dict[str, str] = {
+    "sft": "tunelab.recipes.sft",
+}
+
+
+def get_recipe(task: str) -> Callable[..., dict[str, Any]]:
+    """The ``train`` function of the recipe for ``task``."""
+    return importlib.import_module(RECIPES[task]).train

@@ -1,0 +1,64 @@
+"""Bad input reaches the user as one clear message (exit 2), never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def tunelab(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def config(tmp_path, data_path, extra=""):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{name_or_path: smollm2-135m-instruct}}\ndata: {{train: {{path: {data_path}}}}}\n"
+                    f"output_dir: {tmp_path / 'run'}\n{extra}")
+    return path
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    out = " ".join((result.stdout + result.stderr).split())
+    assert "Traceback" not in out
+    for needle in needles:
+        assert needle in out, (needle, out)
+
+
+def test_unknown_key_with_suggestion(tmp_path):
+    result = tunelab("config", "show", str(config(tmp_path, "d.jsonl")), "train.learning_rate=1e-4", cwd=tmp_path)
+    assert_user_error(result, "train.learning_rate", "train.lr")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    assert_user_error(tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path), "d.jsonl:2")
+
+
+def test_record_missing_fields_names_record_and_fields(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path)
+    assert_user_error(result, "record #2", "output")
+
+
+def test_empty_after_filtering_says_why(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 100, "completion": "ok"}) + "\n")
+    result = tunelab("train", str(config(tmp_path, data, "data: {train: {path: " + str(data) + "}, max_seq_len: 16}\n")),
+                     cwd=tmp_path)
+    assert_user_error(result, "no training examples left", "no supervised tokens after truncation")
+
+
+def test_existing_run_is_not_clobbered(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step-000001").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert_user_error(tunelab("train", str(config(tmp_path, data)), cwd=tmp_path), "already holds a run")
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").is_file()

@@ -76,13 +76,14 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
 
 
-def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude: list[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules to adapt.
 
     Args:
         target_modules: ``"all-linear"`` (every linear layer except the output head, as in PEFT),
             or name suffixes (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), or regexes
             prefixed with ``re:`` matched against the full name.
+        exclude: module names (and their children) never adapted, e.g. a head in ``modules_to_save``.
 
     Raises:
         ValueError: nothing matches.
@@ -92,7 +93,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is output or isinstance(module, LoRALinear):
             continue
-        if ".lora_A" in name or ".lora_B" in name:
+        if ".lora_A" in name or ".lora_B" in name or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         if target_modules == "all-linear" or any(_matches(name, t) for t in target_modules):
             names.append(name)
@@ -103,14 +104,14 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
 
 def inject_lora(
     model: nn.Module, target_modules: list[str] | str, r: int, alpha: float, dropout: float = 0.0,
-    use_rslora: bool = False,
+    use_rslora: bool = False, exclude: list[str] = (),
 ) -> list[str]:
     """Replace the target linear layers with :class:`LoRALinear` in place and freeze everything else.
 
     Returns:
         The adapted module names (PEFT's key prefix without ``base_model.model.``).
     """
-    names = find_target_modules(model, target_modules)
+    names = find_target_modules(model, target_modules, exclude)
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")

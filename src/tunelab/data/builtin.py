@@ -1,5 +1,7 @@
 """Datasets that ship inside pip packages, addressed as ``builtin:NAME`` in a config.
 
+Each entry of :data:`BUILTINS` names a loader ``(subset, split) -> records``.
+
 ``builtin:chatterbot``: the chatterbot-corpus English Q/A conversations (BSD-3). ``name`` is a
 comma-separated list of categories (file stems under ``chatterbot_corpus/data/english``), default
 the support-desk topics ``tech_support,computers,coding,ai``. Each conversation ``[q, a1, a2, ...]``
@@ -12,6 +14,7 @@ question (with any of its answers) is seen in training.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,10 @@ from typing import Any
 from tunelab.errors import DataError
 
 CHATTERBOT_DEFAULT = "tech_support,computers,coding,ai"
+# name → "module:function(subset, split) -> list[record]"; one line per built-in dataset.
+BUILTINS: dict[str, str] = {
+    "chatterbot": "tunelab.data.builtin:load_chatterbot",
+}
 VALIDATION_PERCENT = 15
 
 
@@ -31,17 +38,25 @@ def package_dir(module: str, pip_name: str) -> Path:
 
 
 def load_builtin(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
-    """Records of built-in dataset ``name`` for ``split`` ('train' or 'validation')."""
-    if name != "chatterbot":
-        raise DataError(f"unknown built-in dataset 'builtin:{name}'; available: builtin:chatterbot")
-    if split not in ("train", "validation"):
-        raise DataError(f"builtin:{name} has splits 'train' and 'validation', not '{split}'")
-    return _chatterbot(subset or CHATTERBOT_DEFAULT, split)
+    """Records of built-in dataset ``name`` (see :data:`BUILTINS`) for ``split``.
+
+    Raises:
+        DataError: unknown name, split or subset, or the package that ships the data is missing.
+    """
+    if name not in BUILTINS:
+        raise DataError(f"unknown built-in dataset 'builtin:{name}'; available: "
+                        + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS)))
+    module_name, _, func = BUILTINS[name].partition(":")
+    return getattr(importlib.import_module(module_name), func)(subset, split)
 
 
-def _chatterbot(categories: str, split: str) -> list[dict[str, Any]]:
+def load_chatterbot(subset: str | None, split: str) -> list[dict[str, Any]]:
+    """chatterbot-corpus categories ``subset`` (comma-separated) as user/assistant conversations."""
     import yaml
 
+    if split not in ("train", "validation"):
+        raise DataError(f"builtin:chatterbot has splits 'train' and 'validation', not '{split}'")
+    categories = subset or CHATTERBOT_DEFAULT
     root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
     records, seen = [], set()
     for category in [c.strip() for c in categories.split(",") if c.strip()]:

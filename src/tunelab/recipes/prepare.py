@@ -52,12 +52,21 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
     return None
 
 
-def setup_trainable(model: nn.Module, config: Config) -> list[str]:
-    """Make the parameters ``train.method`` names trainable; returns LoRA-adapted module names."""
+def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str] = ()) -> list[str]:
+    """Make the parameters ``train.method`` names trainable; returns LoRA-adapted module names.
+
+    Args:
+        modules_to_save: with LoRA, modules trained in full and saved with the adapter (PEFT's
+            ``modules_to_save``), e.g. a new classification head ``["score"]``.
+    """
     method = config.train.method
     if method == "lora":
         lc = config.lora
-        return inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora)
+        names = inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora,
+                            exclude=list(modules_to_save))
+        for module_name in modules_to_save:
+            model.get_submodule(module_name).requires_grad_(True)
+        return names
     if method == "freeze":
         model.requires_grad_(False)
         matched = [n for n, p in model.named_parameters() if any(s in n for s in config.train.trainable_modules)]

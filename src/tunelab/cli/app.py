@@ -115,6 +115,14 @@ def config_show(config: ConfigArg, overrides: Overrides = None) -> None:
     print(dump_config(load_config(config, overrides or [])), end="")
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every config key with its default and meaning (markdown)."""
+    from tunelab.config.reference import config_reference_markdown
+
+    print(config_reference_markdown(), end="")
+
+
 # Task-specific commands live in their own modules; each has `register(app, console)`.
 COMMAND_MODULES: tuple[str, ...] = ()
 for _module in COMMAND_MODULES:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -41,18 +42,23 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
         self.disabled = False
         base_layer.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b + B (s · A x)``: the scaling is applied to the rank-r intermediate (N × r), not
+        the output (N × out_features); no dropout op at all when dropout is 0; no dtype casts
+        (under autocast the matmuls take the autocast dtype)."""
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        return out + F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``scaling · B A`` as an (out_features, in_features) matrix."""

@@ -53,7 +53,7 @@ def save_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.r,
         "lora_alpha": first.alpha,
-        "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,
+        "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "modules_to_save": list(modules_to_save) or None,

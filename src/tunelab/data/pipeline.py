@@ -31,7 +31,7 @@ def load_canonical(source: DataSource, cfg: DataConfig, limit: int | None = None
     if limit is not None:
         records = records[:limit]
     if not records:
-        raise DataError(f"{source.path}: no records")
+        raise DataError(f"{source.path} (split {source.split!r}, name {source.name!r}): no records")
     fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], cfg.columns)
     examples = []
     for i, record in enumerate(records, start=1):

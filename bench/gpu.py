@@ -25,6 +25,7 @@ import time
 import torch
 
 IGNORE_INDEX = -100
+BASE_BF16 = [True]  # --lora-base fp32 keeps the frozen LoRA base in fp32 (autocast casts it)
 PEAK_TFLOPS = 790.0
 
 
@@ -61,7 +62,7 @@ def build_model(cfg, method: str, device: torch.device, seed: int, attn: str):
         model = LlamaForCausalLM(cfg)
     model.config._attn_implementation = attn
     model.config.use_cache = False
-    if method == "lora" and device.type == "cuda":
+    if method == "lora" and device.type == "cuda" and BASE_BF16[0]:
         model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 (autocast does the casts)
     return model
 
@@ -179,7 +180,13 @@ def run_tunelab(examples_per_step, method, args, cfg, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for batch in batches:
+    prof = None
+    if args.profile and device.type == "cuda":
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+    for i, batch in enumerate(batches):
+        if prof is not None and i == len(batches) - 3:
+            prof.__enter__()
         sync(device)
         t = time.perf_counter()
         # one optimizer step exactly as tunelab's loop does it (single micro-batch, token-normalized)
@@ -192,7 +199,11 @@ def run_tunelab(examples_per_step, method, args, cfg, device):
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        print(f"# profile {method} (last 3 steps)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     real = [b["num_tokens"] for b in batches]
     sup = [b["num_supervised"] for b in batches]
@@ -232,9 +243,17 @@ def main():
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for tunelab runs")
+    ap.add_argument("--lora-base", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--sdpa-backend", default="default", choices=["default", "no-cudnn"],
+                    help="no-cudnn: disable the cuDNN SDPA backend (masked packed attention then uses the "
+                         "memory-efficient kernel)")
     ap.add_argument("--only", default="peer-lora-padding,peer-lora-padding_free,peer-full-padding_free,tunelab-lora,tunelab-full")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    BASE_BF16[0] = args.lora_base == "bf16"
+    if args.sdpa_backend == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     cfg = model_config(args.tiny)
     examples = make_examples(args.steps * args.per_step, cfg.vocab_size, args.max_len, args.median, args.seed)

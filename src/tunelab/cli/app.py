@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,8 +31,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output_dir.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        min=1, help="Launch N processes on this machine with torchrun (see distributed.strategy).")] = None,
 ) -> None:
     """Train as the config says (``task`` picks the recipe)."""
+    if nproc is not None:
+        from tunelab.training.distributed import launch_local
+
+        raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     from tunelab.config.load import load_config
     from tunelab.recipes import get_recipe
 
@@ -124,7 +131,7 @@ def config_reference() -> None:
 
 
 # Task-specific commands live in their own modules; each has `register(app, console)`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("tunelab.cli.classify_cmds", "tunelab.cli.preference_cmds")
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app, console)
 
@@ -151,7 +158,8 @@ def main() -> None:
     try:
         app()
     except TunelabError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        console.print(f"[bold red]error{where}:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -11,6 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tunelab.config.classification import ClassificationConfig
+from tunelab.config.distributed import DistributedConfig
+from tunelab.config.preference import PreferenceConfig
+from tunelab.config.rl import RLConfig
+
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are rejected, assignments re-validated."""
@@ -154,16 +159,48 @@ class EvalConfig(StrictModel):
 class Config(StrictModel):
     """A whole run. ``task`` says which recipe reads it."""
 
-    task: Literal["sft"] = Field("sft", description="Recipe: 'sft' (supervised fine-tuning / continued pre-training).")
+    task: Literal["sft", "classification", "reward", "dpo", "ppo", "grpo"] = Field(
+        "sft", description="Recipe: 'sft' (supervised fine-tuning / continued pre-training), 'classification', "
+        "'reward' (Bradley-Terry reward model), 'dpo' (DPO family: dpo, ipo, hinge, simpo, orpo), "
+        "'ppo' (RLHF with a reward model), 'grpo' (group-relative RL with programmable rewards)."
+    )
     output_dir: str = Field("runs/default", description="Where the trained model, checkpoints and metrics go.")
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Used when train.method = lora.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes (torchrun): ddp or fsdp, see docs/distributed.md."
+    )
+    classification: ClassificationConfig | None = Field(
+        None, description="Fields, labels and head of task=classification (required there, only there)."
+    )
+    preference: PreferenceConfig | None = Field(
+        None, description="Loss, reference model and margin of task=reward/dpo (defaults filled in there)."
+    )
+    rl: RLConfig | None = Field(None, description="Rollouts, rewards and PPO/GRPO knobs of task=ppo/grpo.")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
         if self.train.method == "freeze" and not self.train.trainable_modules:
             raise ValueError("train.method=freeze needs train.trainable_modules (parameter-name substrings)")
+        if (self.task == "classification") != (self.classification is not None):
+            raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
+        self._check_preference()
+        if self.task in ("ppo", "grpo") or self.rl is not None:
+            RLConfig.check_for(self.task, self.rl)
         return self
+
+    def _check_preference(self) -> None:
+        if self.task not in ("reward", "dpo"):
+            if self.preference is not None:
+                raise ValueError("the 'preference' section is read only by task=reward and task=dpo")
+            return
+        if self.preference is None:
+            self.preference = PreferenceConfig()
+        self.preference.check_against(self.task, self.train.method)
+        if self.data.format != "auto":
+            raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")
+        if self.task == "reward" and self.data.packing and "packing" in self.data.model_fields_set:
+            raise ValueError("task=reward reads one score per sequence from padded batches; set data.packing: false")

@@ -25,6 +25,9 @@ CHATTERBOT_DEFAULT = "tech_support,computers,coding,ai"
 # name → "module:function(subset, split) -> list[record]"; one line per built-in dataset.
 BUILTINS: dict[str, str] = {
     "chatterbot": "tunelab.data.builtin:load_chatterbot",
+    "arithmetic": "tunelab.data.builtin_arith:load_arithmetic",
+    "drugreview-pairs": "tunelab.data.builtin_drugreview_pairs:load_drugreview_pairs",
+    "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
 }
 VALIDATION_PERCENT = 15
 

@@ -12,6 +12,11 @@ from typing import Any
 
 RECIPES: dict[str, str] = {
     "sft": "tunelab.recipes.sft",
+    "reward": "tunelab.recipes.reward",
+    "dpo": "tunelab.recipes.dpo",
+    "grpo": "tunelab.recipes.grpo",
+    "ppo": "tunelab.recipes.ppo",
+    "classification": "tunelab.recipes.classify",
 }
 
 

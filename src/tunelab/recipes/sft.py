@@ -29,18 +29,19 @@ from tunelab.recipes.prepare import (
 )
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.precision import pick_device
+from tunelab.training.distributed import init_distributed
 
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""
-    console = console or Console()
+    runtime = init_distributed(config.distributed, config.train.precision)  # torchrun: one call per rank
+    console = (console or Console()) if runtime.is_main else Console(quiet=True)
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    resume_from = check_output_dir(output_dir, resume, overwrite)
+    resume_from = runtime.broadcast(check_output_dir(output_dir, resume, overwrite) if runtime.is_main else None)
     seed_everything(config.train.seed, config.train.threads)
-    device = pick_device()
+    device = runtime.device
     config_yaml = dump_config(config)
 
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
@@ -81,21 +82,26 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     result = fit(
         model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size),
         lambda b: b["num_supervised"], tc, output_dir, config_yaml,
-        evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device,
+        evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device, runtime=runtime,
     )
     after = next((r for r in reversed(result.history) if "eval/loss" in r), None)
     after = {"loss": after["eval/loss"], "ppl": after["eval/ppl"]} if after else None
-    answers_after = _answers(model, tokenizer, prompts, config)
+    with runtime.full_weights():  # FSDP: gather the shards so the model generates and saves as a whole
+        answers_after = _answers(model, tokenizer, prompts, config)
 
     results = {"train": data.train_stats.summary(), "held_out_before": before, "held_out_after": after,
                "steps": result.state.step, "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": p[-1]["content"], "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
     model.train(False)
-    save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results)
-    plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")
+    with runtime.full_weights():
+        if runtime.is_main:
+            save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
+                     config_yaml=config_yaml, results=results)
+    if runtime.is_main:
+        plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")
     _report(console, results, output_dir)
+    runtime.close()
     return results
 
 

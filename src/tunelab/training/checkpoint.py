@@ -8,6 +8,15 @@ A checkpoint directory ``<output_dir>/checkpoints/step-000123/`` holds:
   * ``config.yaml``: the resolved config.
 It is written into a temporary sibling directory and renamed into place, so a crash never leaves
 a half-written checkpoint and never touches older ones.
+
+Runs with several processes (DDP/FSDP, see :mod:`tunelab.training.distributed`) write the weights
+and optimizer state as a ``torch.distributed.checkpoint`` (DCP) directory instead: ``.metadata`` +
+``__<rank>_0.distcp`` shards keyed by parameter name (FSDP ranks each write their own shards, DDP's
+replicated tensors are written once), ``rng-rank<r>.pt`` per rank, and the same ``scheduler.pt``,
+``state.json`` and ``config.yaml`` (rank 0). DCP reshards on load, so such a checkpoint resumes on
+any number of ranks, with either strategy, or on one plain process. Every rank writes into the same
+temporary directory (``output_dir`` must be on a filesystem all nodes share) and rank 0 renames it
+into place once all ranks are done.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,13 +38,24 @@ from torch import nn
 from tunelab import __version__
 from tunelab.errors import TunelabError
 
+if TYPE_CHECKING:
+    from tunelab.training.distributed import Runtime
+
+DCP_METADATA = ".metadata"
+
 
 @dataclass
 class TrainState:
-    """Where training is: ``step`` optimizer steps done, ``micro_batches`` consumed."""
+    """Where training is: ``step`` optimizer steps done, ``micro_batches`` consumed (over all ranks).
+
+    ``micro_batch_size`` (sequences or packed rows per micro-batch) gives the data position its unit;
+    ``micro_batches_per_step`` is ``grad_accum × world_size``. Both are None in older checkpoints.
+    """
 
     step: int = 0
     micro_batches: int = 0
+    micro_batch_size: int | None = None
+    micro_batches_per_step: int | None = None
 
 
 def atomic_dir(target: Path) -> Path:
@@ -55,28 +77,84 @@ def commit_dir(tmp: Path, target: Path) -> None:
 
 def save_checkpoint(
     output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-    config_yaml: str, keep_last: int,
+    config_yaml: str, keep_last: int, *, runtime: Runtime | None = None,
 ) -> Path:
-    """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``."""
+    """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``.
+
+    With a distributed ``runtime`` this is collective (every rank calls it) and writes the DCP
+    layout; ``model`` is the unwrapped model (its parameters may be FSDP ``DTensor`` shards).
+    """
     target = output_dir / "checkpoints" / f"step-{state.step:06d}"
+    if runtime is not None and runtime.is_distributed:
+        _save_sharded(target, model, optimizer, scheduler, state, config_yaml, runtime)
+        if runtime.is_main:
+            _prune(output_dir, keep_last)
+        runtime.barrier()
+        return target
     tmp = atomic_dir(target)
     try:
         trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "tunelab_version": __version__}))
-        (tmp / "config.yaml").write_text(config_yaml)
+        torch.save(_rng_state(), tmp / "rng.pt")
+        _write_run_files(tmp, scheduler, state, config_yaml, world_size=1)
         commit_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune(output_dir, keep_last)
+    return target
+
+
+def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str,
+                  runtime: Runtime) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    tmp = Path(runtime.broadcast(str(atomic_dir(target)) if runtime.is_main else None))
+    try:
+        model_state, optim_state = _state_dicts(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+        torch.save(_rng_state(), tmp / f"rng-rank{runtime.rank:05d}.pt")
+        runtime.barrier()
+        if runtime.is_main:
+            _write_run_files(tmp, scheduler, state, config_yaml, world_size=runtime.world_size)
+            commit_dir(tmp, target)
+    finally:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Trainable weights and optimizer state keyed by parameter name, as DCP saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _write_run_files(directory: Path, scheduler, state: TrainState, config_yaml: str, world_size: int) -> None:
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    info = {**asdict(state), "world_size": world_size, "tunelab_version": __version__}
+    (directory / "state.json").write_text(json.dumps(info))
+    (directory / "config.yaml").write_text(config_yaml)
+
+
+def _prune(output_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -87,12 +165,23 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, runtime: Runtime | None = None,
+) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its :class:`TrainState`.
 
+    A sharded (DCP) checkpoint loads on any number of ranks and on one plain process (collective
+    when distributed); a one-process checkpoint loads on one plain process only.
+
     Raises:
-        TunelabError: the checkpoint's trainable parameters do not match the model's.
+        TunelabError: the checkpoint's trainable parameters do not match the model's, or a
+            one-process checkpoint is resumed by several processes.
     """
+    if (path / DCP_METADATA).is_file():
+        return _load_sharded(path, model, optimizer, scheduler, 0 if runtime is None else runtime.rank)
+    if runtime is not None and runtime.is_distributed:
+        raise TunelabError(f"checkpoint {path} was written by a one-process run; resume it on one process "
+                           "(distributed.strategy=none), or start the distributed run afresh")
     weights = load_file(str(path / "trainable.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
@@ -101,10 +190,31 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return _read_state(path)
+
+
+def _load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> TrainState:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state, optim_state = _state_dicts(model, optimizer)
+    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    if saved != set(model_state):
+        diff = sorted(saved ^ set(model_state))[:3]
+        raise TunelabError(f"checkpoint {path} does not match this model/config (e.g. {diff})")
+    dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # keys checked above
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    own = path / f"rng-rank{rank:05d}.pt"
+    _set_rng_state(torch.load(own if own.is_file() else path / "rng-rank00000.pt", weights_only=False))
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> TrainState:
     data = json.loads((path / "state.json").read_text())
-    return TrainState(step=data["step"], micro_batches=data["micro_batches"])
+    return TrainState(step=data["step"], micro_batches=data["micro_batches"],
+                      micro_batch_size=data.get("micro_batch_size"),
+                      micro_batches_per_step=data.get("micro_batches_per_step"))

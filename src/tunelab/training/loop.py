@@ -9,6 +9,12 @@ A recipe supplies:
     already divided by ``normalizer``, the unit count of the whole accumulated batch.
 Dividing by the accumulated count (not averaging micro-batch means) makes one optimizer step
 over 8 micro-batches of 1 identical to one step over a batch of 8, whatever their lengths.
+
+With a distributed :class:`~tunelab.training.distributed.Runtime` (torchrun, DDP or FSDP), a step
+takes ``grad_accum × world_size`` micro-batches, each rank a disjoint round-robin share;
+``normalizer`` is then the unit count of the whole step summed over all ranks, and gradients are
+summed across ranks, so N ranks × batch b train exactly like 1 rank × batch N·b. Only rank 0 logs,
+shows progress and writes metrics; checkpoints are sharded (see :mod:`tunelab.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
+from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.precision import autocast
@@ -50,86 +58,148 @@ class FitResult:
     history: list[dict[str, Any]]
 
 
-def total_steps(plan: BatchPlan, cfg: TrainConfig) -> int:
-    """Optimizer steps the run will take (``max_steps`` or ``epochs`` worth of micro-batches)."""
+def total_steps(plan: BatchPlan, cfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps the run will take (``max_steps``, or ``epochs`` worth of micro-batches at
+    ``grad_accum × world_size`` micro-batches per step)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * plan.micro_batches_per_epoch / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * plan.micro_batches_per_epoch / (cfg.grad_accum * world_size)))
 
 
 def fit(
     model: nn.Module, plan: BatchPlan, compute_loss: LossFn, count_units: Callable[[Batch], int],
     cfg: TrainConfig, output_dir: Path, config_yaml: str, *, evaluate: Callable[[], dict[str, float]] | None = None,
     resume_from: Path | None = None, device: torch.device = torch.device("cpu"), quiet: bool = False,
+    runtime: Runtime | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; writes ``metrics.jsonl`` and checkpoints under ``output_dir``."""
+    """Train ``model`` in place; writes ``metrics.jsonl`` and checkpoints under ``output_dir``.
+
+    Args:
+        runtime: from :func:`tunelab.training.distributed.init_distributed`; wraps ``model`` (DDP,
+            FSDP) before the optimizer is built, and its ``device`` replaces ``device``. None = one
+            process. Every rank calls ``fit`` with the same plan and config; ``evaluate`` runs on
+            every rank (inside the wrapper).
+
+    Returns:
+        The final state and the logged records (the same on every rank).
+
+    Raises:
+        TunelabError: launched with several processes but no ``runtime`` given; a resumed
+            checkpoint does not fit the model or the batch size.
+    """
+    if runtime is None:
+        if env_world_size() > 1:
+            raise TunelabError("this recipe runs on one process only; launch it without torchrun")
+        runtime = single_process(device)
+    device = runtime.device
+    wrapped = runtime.wrap(model)
     optimizer = build_optimizer(model, cfg)
-    num_steps = total_steps(plan, cfg)
+    num_steps = total_steps(plan, cfg, runtime.world_size)
     scheduler = build_scheduler(optimizer, cfg, num_steps)
-    state = TrainState()
+    state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+        state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
+    elif runtime.world_size > 1:
+        torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
+        if runtime.is_main else None
     batches = _BatchStream(plan)
     model.train()
-    with _progress(quiet) as progress:
+    with _progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
-            micro = [batches.get(state.micro_batches + i) for i in range(cfg.grad_accum)]
+            indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
             started = time.perf_counter()
-            record = _optimizer_step(model, micro, compute_loss, count_units, optimizer, cfg, device)
+            record = _optimizer_step(wrapped, [batches.get(i) for i in indices], compute_loss, count_units,
+                                     optimizer, cfg, device, runtime)
             scheduler.step()
             state.step += 1
-            state.micro_batches += cfg.grad_accum
+            state.micro_batches += cfg.grad_accum * runtime.world_size
             elapsed = time.perf_counter() - started
             record.update(step=state.step, epoch=round(state.micro_batches / plan.micro_batches_per_epoch, 3),
                           lr=optimizer.param_groups[0]["lr"], step_s=round(elapsed, 4),
                           tokens_per_s=round(record["tokens"] / elapsed, 1))
-            if state.step % cfg.log_every == 0 or state.step == num_steps:
+            if log and (state.step % cfg.log_every == 0 or state.step == num_steps):
                 log.write(record)
             progress.update(task, advance=1, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                             f"{record['tokens_per_s']:.0f} tok/s")
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
-                _log_eval(evaluate, model, log, state.step, progress)
+                _log_eval(evaluate, wrapped, model, log, state.step, progress)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last)
+                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                runtime=runtime)
     if evaluate:
-        _log_eval(evaluate, model, log, state.step, None if quiet else progress)
-    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last)
-    return FitResult(state=state, history=log.read())
+        _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
+    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+    history = runtime.broadcast(log.read() if log else None)
+    return FitResult(state=state, history=history)
 
 
-def _optimizer_step(model, micro, compute_loss, count_units, optimizer, cfg, device) -> dict[str, Any]:
-    normalizer = sum(count_units(b) for b in micro)
+def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
+    """Load a checkpoint; its data position is in micro-batches, so their size must not change."""
+    state = load_checkpoint(path, model, optimizer, scheduler, runtime=runtime)
+    if state.micro_batch_size is not None and state.micro_batch_size != cfg.batch_size:
+        raise TunelabError(f"checkpoint {path} was trained with train.batch_size={state.micro_batch_size}; "
+                           f"resume with the same batch size (got {cfg.batch_size})")
+    per_step = cfg.grad_accum * runtime.world_size
+    if state.micro_batches_per_step not in (None, per_step) and runtime.is_main:
+        old = state.micro_batches_per_step
+        print(f"warning: the checkpoint took {old} micro-batches per step, this run takes {per_step} "
+              f"({runtime.world_size} ranks × grad_accum {cfg.grad_accum}); set train.grad_accum="
+              f"{old / runtime.world_size:g} to keep the same global batch")
+    state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, per_step
+    return state
+
+
+def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, device, runtime) -> dict[str, Any]:
+    normalizer = int(runtime.sum([sum(count_units(b) for b in micro)])[0])
     if normalizer == 0:
         raise RuntimeError("an accumulated batch has no supervised units; the data pipeline should have dropped it")
     total_loss, tokens, sums = 0.0, 0, {}
-    for batch in micro:
+    for i, batch in enumerate(micro):
         tokens += int(batch.get("num_tokens", 0))
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with autocast(cfg.precision, device):
-            loss, metrics = compute_loss(model, tensors, normalizer)
-        loss.backward()
+        with runtime.gradient_sync(i == len(micro) - 1):
+            with autocast(cfg.precision, device):
+                loss, metrics = wrapped(compute_loss, tensors, normalizer)
+            loss.backward()
         total_loss += float(loss.detach())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if cfg.max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    grad_norm = _clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    record = {"loss": round(total_loss, 6), "grad_norm": round(grad_norm, 4), "tokens": tokens, "units": normalizer}
-    record.update({k: v for k, v in sums.items() if k not in ("nll_sum", "num_tokens")})
+    totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
+    record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
+              "tokens": int(totals.pop("tokens")), "units": normalizer}
+    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
     return record
 
 
-def _log_eval(evaluate, model, log: MetricsLog, step: int, progress) -> None:
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients (before clipping), clipped to ``max_norm`` if given.
+
+    Works on plain and FSDP-sharded (``DTensor``) gradients: the norm of sharded gradients is
+    reduced over ranks before it is used.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def _log_eval(evaluate, wrapped, model, log: MetricsLog | None, step: int, progress) -> None:
     model.eval()
     with torch.no_grad():
-        metrics = evaluate()
+        metrics = wrapped(lambda _model: evaluate())
     model.train()
+    if log is None:
+        return
     log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
     if progress is not None:
         progress.console.print(f"[bold]eval[/] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

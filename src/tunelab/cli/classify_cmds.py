@@ -1,0 +1,137 @@
+"""``tunelab eval`` and ``tunelab predict`` for classification runs.
+
+Both read the run's own ``classification`` settings (text/pair/label fields, label names,
+threshold) from its saved ``config.yaml`` and ``tunelab.json``; ``--data`` is any source a
+config accepts (local .json/.jsonl/.csv/.parquet, ``builtin:NAME`` with ``--split``, a hub id).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+RunArg = Annotated[Path, typer.Argument(help="A finished classification run directory.")]
+DataOpt = Annotated[str, typer.Option("--data", help="Data file, builtin:NAME or hub id.")]
+SplitOpt = Annotated[str, typer.Option(help="Split for builtin/hub data.")]
+BatchOpt = Annotated[int, typer.Option(help="Examples per forward pass.")]
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Add the ``eval`` and ``predict`` commands to the ``tunelab`` app."""
+
+    @app.command("eval")
+    def eval_command(
+        run_dir: RunArg, data: DataOpt, split: SplitOpt = "train", batch_size: BatchOpt = 16,
+        out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON here (+ confusion PNG beside).")] = None,
+    ) -> None:
+        """Metrics of a classification run on any labelled data: accuracy, F1, per class, confusion matrix."""
+        metrics = evaluate_run(run_dir, data, split=split, batch_size=batch_size, out=out)
+        print_metrics(console, metrics, title=f"{run_dir} on {data}" + (f" [{split}]" if split != "train" else ""))
+        if out:
+            console.print(f"[bold green]wrote[/] {out}")
+
+    @app.command("predict")
+    def predict_command(
+        run_dir: RunArg, data: DataOpt,
+        out: Annotated[Path, typer.Option(help="Output JSONL: each record + label and probabilities.")],
+        split: SplitOpt = "train", batch_size: BatchOpt = 16,
+    ) -> None:
+        """Label new texts: writes each input record with ``prediction`` and per-label ``probabilities``."""
+        count = predict_run(run_dir, data, out, split=split, batch_size=batch_size)
+        console.print(f"[bold green]wrote[/] {count} predictions to {out}")
+
+
+def _prepare(run_dir: Path, data: str, split: str, labelled: bool, batch_size: int):
+    from tunelab.config.schema import DataSource
+    from tunelab.data.classification import collate_classification, tokenize_records
+    from tunelab.data.sources import load_records
+    from tunelab.errors import DataError
+    from tunelab.eval.classification import load_classification_run
+
+    model, tokenizer, config, labels = load_classification_run(run_dir)
+    records = load_records(DataSource(path=data, split=split))
+    if not records:
+        raise DataError(f"{data}: no records")
+    examples, _ = tokenize_records(records, tokenizer, config.classification, labels if labelled else None,
+                                   max_seq_len=config.data.max_seq_len, overlong="truncate", where=data)
+    batches = [collate_classification(examples[i : i + batch_size], tokenizer.pad_token_id)
+               for i in range(0, len(examples), batch_size)]
+    return model, config, labels, records, batches
+
+
+def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: int = 16,
+                 out: Path | None = None) -> dict[str, Any]:
+    """Metrics (see :mod:`tunelab.eval.classification`) of a run on labelled ``data``; optionally saved."""
+    from tunelab.eval.classification import evaluate_classifier, plot_confusion_matrix
+    from tunelab.training.precision import pick_device
+
+    device = pick_device()
+    model, config, labels, _, batches = _prepare(run_dir, data, split, True, batch_size)
+    metrics = evaluate_classifier(model.to(device), batches, device, problem_type=labels.problem_type,
+                                  names=labels.names, threshold=config.classification.threshold)
+    metrics["num_examples"] = sum(b["num_examples"] for b in batches)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2))
+        if "confusion_matrix" in metrics:
+            plot_confusion_matrix(metrics["confusion_matrix"], labels.names, out.with_suffix(".png"),
+                                  title=f"{Path(run_dir).name} on {Path(data).name} [{split}]")
+    return metrics
+
+
+def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", batch_size: int = 16) -> int:
+    """Write ``out`` (JSONL): each record plus ``prediction`` and ``probabilities`` (or ``values``)."""
+    from tunelab.eval.classification import predict_logits, probabilities
+    from tunelab.training.precision import pick_device
+
+    if out.exists() and out.is_dir():
+        raise TunelabError(f"--out {out} is a directory; give a .jsonl file path")
+    device = pick_device()
+    model, config, labels, records, batches = _prepare(run_dir, data, split, False, batch_size)
+    scores = probabilities(labels.problem_type, predict_logits(model.to(device), batches, device)).tolist()
+    threshold = config.classification.threshold
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for record, row in zip(records, scores):
+            f.write(json.dumps({**record, **_prediction(labels.problem_type, labels.names, row, threshold)},
+                               ensure_ascii=False, default=str) + "\n")
+    return len(scores)
+
+
+def _prediction(problem_type: str, names: list[str], row: list[float], threshold: float) -> dict[str, Any]:
+    if problem_type == "regression":
+        return {"prediction": row[0] if len(row) == 1 else row}
+    probs = {name: round(p, 6) for name, p in zip(names, row)}
+    if problem_type == "multi_label":
+        return {"prediction": [n for n, p in zip(names, row) if p >= threshold], "probabilities": probs}
+    return {"prediction": names[max(range(len(row)), key=row.__getitem__)], "probabilities": probs}
+
+
+def print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:
+    """Scalar metrics, then the per-class table and confusion matrix when present."""
+    from tunelab.eval.classification import PER_CLASS, scalar_metrics
+
+    console.print(f"[bold]{title}[/] ({metrics.get('num_examples', '?')} examples)")
+    console.print("  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
+    if PER_CLASS in metrics:
+        table = Table(title="per class")
+        for col in ("label", "precision", "recall", "f1", "support"):
+            table.add_column(col)
+        for name, m in metrics[PER_CLASS].items():
+            table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        console.print(table)
+    if "confusion_matrix" in metrics:
+        table = Table(title="confusion matrix (rows: true, columns: predicted)")
+        table.add_column("")
+        for name in metrics["labels"]:
+            table.add_column(name)
+        for name, row in zip(metrics["labels"], metrics["confusion_matrix"]):
+            table.add_row(name, *map(str, row))
+        console.print(table)

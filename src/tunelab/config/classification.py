@@ -1,0 +1,98 @@
+"""The ``classification`` config section (``task: classification``): fields, labels, head, selection.
+
+Kept in its own module so the schema stays readable; :mod:`tunelab.config.schema` imports it.
+Like every section it is strict: unknown keys are errors, and defaults live only here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ProblemType = Literal["single_label", "multi_label", "regression"]
+
+# Metrics each problem type reports, and which of them are better when lower.
+METRICS: dict[str, tuple[str, ...]] = {
+    "single_label": ("loss", "accuracy", "macro_f1", "weighted_f1", "roc_auc"),
+    "multi_label": ("loss", "subset_accuracy", "micro_f1", "macro_f1", "roc_auc"),
+    "regression": ("loss", "mse", "mae", "r2"),
+}
+LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
+# Our problem types → transformers' ``config.problem_type``.
+HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                    "regression": "regression"}
+
+
+class ClassificationConfig(BaseModel):
+    """Sequence classification / regression settings (read by ``recipes/classify.py``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    text_field: str = Field("text", description="Column holding the text to classify.")
+    text_pair_field: str | None = Field(
+        None, description="Optional second text column (premise/hypothesis style pairs); encoded as a pair."
+    )
+    label_field: str = Field(
+        "label",
+        description="Column holding the label: a name or int (single_label), a list of names/ids "
+        "(multi_label), or a number / list of numbers (regression).",
+    )
+    problem_type: ProblemType = Field(
+        "single_label",
+        description="'single_label': softmax cross-entropy; 'multi_label': one sigmoid per label, BCE; "
+        "'regression': MSE on one output per target.",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Label names in id order. Default: every label seen in train, sorted (numerically "
+        "if all are integers). With explicit names, an int label in the data is read as an id.",
+    )
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multi_label: sigmoid probability that counts as on.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none",
+        description="single_label: per-class loss weights ('balanced' = n / (K·n_k), as scikit-learn); "
+        "multi_label: per-label positive weights ('balanced' = n_neg / n_pos). Not for regression.",
+    )
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="Texts longer than data.max_seq_len keep their start ('right') or end ('left')."
+    )
+    metric_for_best: str = Field(
+        "loss",
+        description="Held-out metric that picks the best evaluation (its weights are the ones saved): "
+        "single_label: loss|accuracy|macro_f1|weighted_f1|roc_auc; multi_label: "
+        "loss|subset_accuracy|micro_f1|macro_f1|roc_auc; regression: loss|mse|mae|r2.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improving metric_for_best (null = off)."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest change of metric_for_best that counts as an improvement."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassificationConfig:
+        allowed = METRICS[self.problem_type]
+        if self.metric_for_best not in allowed:
+            raise ValueError(
+                f"metric_for_best '{self.metric_for_best}' is not reported for problem_type "
+                f"{self.problem_type}; choose one of {list(allowed)}"
+            )
+        if self.problem_type == "regression" and self.class_weights != "none":
+            raise ValueError("class_weights apply to single_label and multi_label, not regression")
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels) or not self.labels:
+                raise ValueError(f"labels must be a non-empty list of distinct names, got {self.labels}")
+            if self.problem_type == "single_label" and len(self.labels) < 2:
+                raise ValueError("single_label needs at least 2 labels")
+        if isinstance(self.class_weights, list):
+            if any(w < 0 for w in self.class_weights):
+                raise ValueError("class_weights must be non-negative")
+            if self.labels is not None and len(self.class_weights) != len(self.labels):
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {len(self.labels)} labels")
+        return self
+
+
+def higher_is_better(metric: str) -> bool:
+    """True when a larger value of ``metric`` is better (accuracy, F1, AUC, r2)."""
+    return metric not in LOWER_IS_BETTER

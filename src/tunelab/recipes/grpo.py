@@ -1,0 +1,140 @@
+"""GRPO: group-relative policy optimization with programmable rewards (Shao et al. 2024, arXiv:2402.03300).
+
+Each RL step: take ``train.batch_size`` prompts, sample ``rl.num_generations`` (G) completions of
+each from the current policy, score them with the reward terms, turn the rewards into
+group-normalized advantages (Sec. 4.1.2; ``rl.scale_rewards: none`` = Dr. GRPO), then run
+``rl.ppo_epochs`` passes of the clipped objective (Eq. 3) over mini-batches, with an optional k3 KL
+to the reference (Eq. 4, ``rl.beta``); the loss is averaged over real completion tokens only.
+
+Deliberate simplifications: outcome supervision only (one reward per completion, no process
+rewards); no iterative reward-model retraining (Sec. 4.1.4); the reference is the starting
+policy and never refreshed; no resume from checkpoints (a run is minutes long on a CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tunelab.config.load import dump_config
+from tunelab.config.schema import Config
+from tunelab.errors import TunelabError
+from tunelab.losses.advantages import grpo_advantages, masked_mean
+from tunelab.losses.ppo import grpo_loss
+from tunelab.models.run import save_run
+from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
+from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
+from tunelab.rollout.evaluate import (
+    held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
+)
+from tunelab.rollout.rewards import compute_rewards
+from tunelab.rollout.scoring import reference_logps, score_completions
+from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, open_session, prompts_for_step
+from tunelab.training.metrics import MetricsLog
+from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.precision import pick_device
+
+
+def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
+          console: Console | None = None) -> dict[str, Any]:
+    """Run GRPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
+    console = console or Console()
+    if resume:
+        raise TunelabError("task=grpo cannot resume from a checkpoint; start again with --overwrite")
+    started = time.perf_counter()
+    output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
+    check_output_dir(output_dir, resume, overwrite)
+    seed_everything(tc.seed, tc.threads)
+    device = pick_device()
+    session = open_session(config, device, console)
+    model = session.model
+    before = held_out_rewards(session, config) if config.eval.before_training and session.held_out else None
+    if before:
+        console.print(f"[bold]before[/] held-out reward {before['reward']:.4f} on {before['num_prompts']} prompts")
+
+    setup_trainable(model, config)
+    reference = frozen_copy(model) if tc.method != "lora" and rl.beta > 0 else None
+    trainable, total = count_parameters(model)
+    console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} ({tc.method})")
+    steps = num_rl_steps(config, len(session.train.prompts))
+    rows = tc.batch_size * rl.num_generations
+    updates_per_step = rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows))
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, steps * updates_per_step)
+    log = MetricsLog(output_dir / "metrics.jsonl")
+    (output_dir / "samples.jsonl").write_text("")
+    generator = torch.Generator().manual_seed(tc.seed)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+        record, samples = grpo_step(session, prompts, config, optimizer, scheduler, reference, generator)
+        record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], step_s=round(time.perf_counter() - t0, 2))
+        if (step + 1) % tc.log_every == 0 or step + 1 == steps:
+            log.write(record)
+        if (step + 1) % rl.log_samples_every == 0 or step == 0:
+            log_samples(output_dir / "samples.jsonl", step + 1, samples[:rl.num_logged_samples])
+        console.print(f"step {step + 1}/{steps}  reward {record['reward/mean']:+.3f}  "
+                      f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
+    after = held_out_rewards(session, config) if session.held_out else None
+    results = rl_results(session, before, after, steps, started)
+    save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
+             config_yaml=dump_config(config), results=results)
+    plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"GRPO {config.model.name_or_path}",
+                      (before["reward"], after["reward"]) if before and after else None, steps)
+    report_rl(console, results, output_dir)
+    return results
+
+
+def grpo_step(session: RLSession, prompts: list, config: Config, optimizer, scheduler, reference,
+              generator: torch.Generator) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One rollout → reward → advantage → update cycle; returns the metrics record and sample completions."""
+    rl, tc, model = config.rl, config.train, session.model
+    batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
+                            stop_ids=session.stop_ids, device=session.device)
+    rewards, per_term = compute_rewards(session.terms, inputs)
+    advantages = grpo_advantages(rewards, rl.num_generations, scale_by_std=rl.scale_rewards == "std")
+    batch.extra["advantages"] = advantages.to(session.device)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    off_policy = rl.ppo_epochs > 1 or (rl.mini_batch_size or len(batch)) < len(batch)
+    with torch.no_grad():
+        if off_policy:  # otherwise old log-probs equal the current ones (ratio 1), no extra pass needed
+            batch.extra["old_logps"] = score_completions(model, *args, temperature=rl.temperature).logps
+        if rl.beta > 0:
+            batch.extra["ref_logps"] = reference_logps(model, *args, temperature=rl.temperature, reference=reference)
+
+    def loss_fn(micro: RolloutBatch):
+        scored = score_completions(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask, temperature=rl.temperature)
+        old = micro.extra.get("old_logps", scored.logps.detach())
+        loss, metrics = grpo_loss(scored.logps, old, micro.extra["advantages"], micro.loss_mask, rl.clip_eps,
+                                  ref_logps=micro.extra.get("ref_logps"), beta=rl.beta,
+                                  normalization=rl.loss_normalization)
+        metrics["entropy"] = masked_mean(scored.entropy, micro.loss_mask)
+        return loss, metrics
+
+    sums, grad_norms = {}, []
+    for _ in range(rl.ppo_epochs):
+        for rows in mini_batches(len(batch), rl.mini_batch_size, generator):
+            mini = batch.select(rows.to(session.device))
+            metrics = accumulate(mini, rl.micro_batch_size, rl.loss_normalization, loss_fn)
+            grad_norms.append(optimizer_step(optimizer, scheduler, tc.max_grad_norm))
+            for key, value in metrics.items():
+                sums.setdefault(key, []).append(value)
+    record = _rollout_record(rewards, per_term, inputs.num_tokens, batch, rl.num_generations)
+    record.update({k: round(sum(v) / len(v), 6) for k, v in sums.items()}, grad_norm=round(max(grad_norms), 4))
+    return record, sample_records(inputs, rewards, per_term, limit=rl.num_logged_samples)
+
+
+def _rollout_record(rewards, per_term, num_tokens, batch: RolloutBatch, group_size: int) -> dict[str, Any]:
+    grouped = rewards.view(-1, group_size)
+    return {"reward/mean": round(float(rewards.mean()), 4), "reward/std": round(float(rewards.std()), 4),
+            **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
+            "length/mean": round(sum(num_tokens) / len(num_tokens), 2),
+            "truncated": round(float(batch.truncated.float().mean()), 4),
+            "groups_without_signal": round(float((grouped.std(dim=1) == 0).float().mean()), 4)}
+
+

@@ -1,0 +1,155 @@
+"""PPO-RLHF: policy + value head against a reward model, with a KL penalty to the reference.
+
+Each RL step (Ouyang et al. 2022, arXiv:2203.02155, Sec. 3.5; Ziegler et al. 2019, arXiv:1909.08593):
+sample completions for ``train.batch_size`` prompts, score each with the reward terms (typically a
+``reward_model`` run), spread the score onto the last completion token and subtract
+``kl_coef * KL`` at every token (k1 or k3 estimator against the reference = the policy with
+LoRA switched off), estimate advantages with GAE (Schulman et al. 2016, arXiv:1506.02438) from
+the value head, whiten them, and run ``rl.ppo_epochs`` passes of the clipped policy loss
+(Schulman et al. 2017, arXiv:1707.06347, Eq. 7) plus ``vf_coef`` × the clipped value loss over
+mini-batches. The KL coefficient is fixed or adaptive (Ziegler et al. 2019, Sec. 2.2).
+
+Deliberate simplifications: no pretraining-gradient mix (PPO-ptx); the value head shares the
+policy's trunk (no separate critic model); no reward normalization or score clipping; no resume.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from tunelab.config.load import dump_config
+from tunelab.config.schema import Config
+from tunelab.errors import TunelabError
+from tunelab.losses.advantages import gae, masked_mean, masked_whiten, ppo_token_rewards
+from tunelab.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
+from tunelab.models.run import save_run
+from tunelab.models.value_head import ValueHead
+from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
+from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
+from tunelab.rollout.evaluate import (
+    held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
+)
+from tunelab.rollout.rewards import compute_rewards
+from tunelab.rollout.scoring import reference_logps, score_completions
+from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, open_session, prompts_for_step
+from tunelab.training.metrics import MetricsLog
+from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.precision import pick_device
+
+
+def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
+          console: Console | None = None) -> dict[str, Any]:
+    """Run PPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
+    console = console or Console()
+    if resume:
+        raise TunelabError("task=ppo cannot resume from a checkpoint; start again with --overwrite")
+    started = time.perf_counter()
+    output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
+    check_output_dir(output_dir, resume, overwrite)
+    seed_everything(tc.seed, tc.threads)
+    device = pick_device()
+    session = open_session(config, device, console)
+    model = session.model
+    before = held_out_rewards(session, config) if config.eval.before_training and session.held_out else None
+    if before:
+        console.print(f"[bold]before[/] held-out reward {before['reward']:.4f} on {before['num_prompts']} prompts")
+
+    setup_trainable(model, config)
+    reference = frozen_copy(model) if tc.method != "lora" else None
+    value_head = ValueHead(model.config.hidden_size).to(device)
+    trainable, total = count_parameters(model)
+    console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} ({tc.method}) "
+                  f"+ value head {sum(p.numel() for p in value_head.parameters()):,}")
+    steps = num_rl_steps(config, len(session.train.prompts))
+    rows = tc.batch_size * rl.num_generations
+    optimizer = build_optimizer(nn.ModuleDict({"policy": model, "value_head": value_head}), tc)
+    scheduler = build_scheduler(optimizer, tc, steps * rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows)))
+    kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.adaptive_kl
+              else FixedKLController(rl.kl_coef))
+    log = MetricsLog(output_dir / "metrics.jsonl")
+    (output_dir / "samples.jsonl").write_text("")
+    generator = torch.Generator().manual_seed(tc.seed)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+        record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
+                                   generator)
+        record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], step_s=round(time.perf_counter() - t0, 2))
+        if (step + 1) % tc.log_every == 0 or step + 1 == steps:
+            log.write(record)
+        if (step + 1) % rl.log_samples_every == 0 or step == 0:
+            log_samples(output_dir / "samples.jsonl", step + 1, samples)
+        console.print(f"step {step + 1}/{steps}  score {record['reward/mean']:+.3f}  kl {record['kl']:.3f}  "
+                      f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
+    after = held_out_rewards(session, config) if session.held_out else None
+    results = rl_results(session, before, after, steps, started)
+    save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
+             config_yaml=dump_config(config), results=results)
+    value_head.save(output_dir)
+    plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
+                      (before["reward"], after["reward"]) if before and after else None, steps)
+    report_rl(console, results, output_dir)
+    return results
+
+
+@torch.no_grad()
+def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBatch, scores: torch.Tensor,
+                    config: Config, reference: nn.Module | None, kl_coef: float) -> dict[str, torch.Tensor]:
+    """Old log-probs/values, per-token KL, KL-shaped rewards, GAE advantages (whitened) and returns, all (B, C)."""
+    rl, mask = config.rl, batch.loss_mask
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    old = score_completions(session.model, *args, temperature=rl.temperature, value_head=value_head)
+    ref = reference_logps(session.model, *args, temperature=rl.temperature, reference=reference)
+    kl = KL_ESTIMATORS[rl.kl_estimator](old.logps, ref)
+    rewards = ppo_token_rewards(scores.to(mask.device), kl, mask, kl_coef)
+    advantages, returns = gae(rewards, old.values, mask, rl.gamma, rl.lam)
+    if rl.whiten_advantages and int(mask.sum()) > 1:
+        advantages = masked_whiten(advantages, mask)
+    return {"old_logps": old.logps, "old_values": old.values, "advantages": advantages, "returns": returns,
+            "kl": torch.where(mask, kl, torch.zeros_like(kl)), "entropy": old.entropy}
+
+
+def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: Config, optimizer, scheduler,
+             reference: nn.Module | None, kl_ctl, generator: torch.Generator) -> tuple[dict[str, Any], list[dict]]:
+    """One rollout → reward → GAE → PPO-update cycle; returns the metrics record and sample completions."""
+    rl, model = config.rl, session.model
+    batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
+                            stop_ids=session.stop_ids, device=session.device)
+    scores, per_term = compute_rewards(session.terms, inputs)
+    kl_coef = kl_ctl.value
+    batch.extra.update(make_advantages(session, value_head, batch, scores, config, reference, kl_coef))
+    seq_kl = batch.extra["kl"].sum(dim=1)
+
+    def loss_fn(micro: RolloutBatch):
+        scored = score_completions(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask, temperature=rl.temperature, value_head=value_head)
+        policy_loss, metrics = ppo_policy_loss(scored.logps, micro.extra["old_logps"], micro.extra["advantages"],
+                                               micro.loss_mask, rl.clip_eps)
+        value_loss, value_metrics = ppo_value_loss(scored.values, micro.extra["old_values"], micro.extra["returns"],
+                                                   micro.loss_mask, rl.value_clip_eps)
+        metrics.update(value_metrics, **{"policy/loss": policy_loss.detach(), "value/loss": value_loss.detach()})
+        return policy_loss + rl.vf_coef * value_loss, metrics
+
+    sums, grad_norms = {}, []
+    for _ in range(rl.ppo_epochs):
+        for rows in mini_batches(len(batch), rl.mini_batch_size, generator):
+            metrics = accumulate(batch.select(rows.to(session.device)), rl.micro_batch_size, "token", loss_fn)
+            grad_norms.append(optimizer_step(optimizer, scheduler, config.train.max_grad_norm))
+            for key, value in metrics.items():
+                sums.setdefault(key, []).append(value)
+    kl_ctl.update(float(seq_kl.mean()), n_steps=len(batch))
+    record = {"reward/mean": round(float(scores.mean()), 4), "reward/std": round(float(scores.std()), 4),
+              **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
+              "kl": round(float(seq_kl.mean()), 4), "kl_coef": round(kl_coef, 5),
+              "entropy": round(float(masked_mean(batch.extra["entropy"], batch.loss_mask)), 4),
+              "length/mean": round(sum(inputs.num_tokens) / len(inputs.num_tokens), 2),
+              "truncated": round(float(batch.truncated.float().mean()), 4), "grad_norm": round(max(grad_norms), 4),
+              **{k: round(sum(v) / len(v), 6) for k, v in sums.items()}}
+    return record, sample_records(inputs, scores, per_term, limit=rl.num_logged_samples)

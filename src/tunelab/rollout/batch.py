@@ -1,0 +1,118 @@
+"""A rollout batch (prompts, sampled completions, rewards) and exact micro-batch accumulation.
+
+Row layout: GRPO groups are contiguous — rows ``[g*G:(g+1)*G]`` are the G completions of prompt g —
+which is what :func:`tunelab.losses.advantages.grpo_advantages` expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.config.rl import RLConfig
+from tunelab.rollout.generate import sample_completions
+from tunelab.rollout.prompts import Prompt, collate_prompts
+from tunelab.rollout.rewards import RewardInputs
+
+
+@dataclass
+class RolloutBatch:
+    """Tensors of one rollout, all with B rows (P prompt and C completion columns).
+
+    ``prompt_ids``/``prompt_mask`` (B, P) left-padded; ``completion_ids``/``completion_mask`` (B, C)
+    right-padded; ``loss_mask`` (B, C) bool = the completion tokens that count in the loss
+    (``completion_mask``, minus truncated rows when ``rl.mask_truncated``); ``truncated`` (B,) bool;
+    ``extra``: per-row tensors added later (old/ref log-probs, advantages, returns, values).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    truncated: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The sub-batch of ``rows`` (1-D long), completion columns trimmed to its longest reply."""
+        width = max(1, int(self.completion_mask[rows].sum(dim=1).max()))
+        out = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "extra"}
+        for key in ("completion_ids", "completion_mask", "loss_mask"):
+            out[key] = out[key][:, :width]
+        extra = {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]) for k, v in self.extra.items()}
+        return RolloutBatch(**out, extra=extra)
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module, tokenizer: Any, prompts: list[Prompt], rl: RLConfig, *, num_generations: int,
+    stop_ids: list[int], device: torch.device, greedy: bool = False,
+) -> tuple[RolloutBatch, RewardInputs]:
+    """Sample ``num_generations`` completions per prompt (group-contiguous rows).
+
+    Returns the batch and the decoded :class:`RewardInputs` (completions decoded without special tokens).
+    """
+    repeated = [p for p in prompts for _ in range(num_generations)]
+    prompt_ids, prompt_mask = collate_prompts(repeated, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    out = sample_completions(model, prompt_ids, prompt_mask, max_new_tokens=rl.max_new_tokens, stop_ids=stop_ids,
+                             pad_id=tokenizer.pad_token_id, temperature=rl.temperature, top_p=rl.top_p, greedy=greedy)
+    loss_mask = out.completion_mask & ~out.truncated[:, None] if rl.mask_truncated else out.completion_mask
+    batch = RolloutBatch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, loss_mask, out.truncated)
+    texts = [tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
+             for ids, mask in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+    inputs = RewardInputs(prompts=[p.text for p in repeated], messages=[p.messages for p in repeated],
+                          completions=texts, num_tokens=out.completion_mask.sum(dim=1).tolist(),
+                          examples=[p.example for p in repeated])
+    return batch, inputs
+
+
+def loss_units(mask: torch.Tensor, normalization: str) -> int:
+    """What a loss averages over: real tokens (``token``) or rows with at least one (``sequence``)."""
+    return int(mask.sum()) if normalization == "token" else int(mask.any(dim=1).sum())
+
+
+def accumulate(
+    batch: RolloutBatch, micro_batch_size: int | None, normalization: str,
+    loss_fn: Callable[[RolloutBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> dict[str, float]:
+    """Backward ``loss_fn`` over micro-batches so the gradient equals one pass over ``batch``.
+
+    ``loss_fn`` returns a loss averaged over its own micro-batch's units (see :func:`loss_units`
+    on ``loss_mask``); each is weighted by its share of the mini-batch's units before
+    ``backward()``, so padding, masked and truncated-and-masked tokens are never counted in any
+    denominator. Returns unit-weighted means of the metrics (and ``loss``).
+    """
+    size = len(batch)
+    step = micro_batch_size or size
+    total_units = loss_units(batch.loss_mask, normalization)
+    sums: dict[str, float] = {}
+    for start in range(0, size, step):
+        micro = batch.select(torch.arange(start, min(start + step, size), device=batch.prompt_ids.device))
+        units = loss_units(micro.loss_mask, normalization)
+        if units == 0:
+            continue
+        loss, metrics = loss_fn(micro)
+        weight = units / total_units
+        (loss * weight).backward()
+        for key, value in {"loss": loss.detach(), **metrics}.items():
+            share = 1.0 if key.endswith("num_tokens") else weight  # counts add up, averages are weighted
+            sums[key] = sums.get(key, 0.0) + share * float(value)
+    return sums
+
+
+def optimizer_step(optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """Clip the gradient norm (if set), step optimizer and scheduler, zero grads; returns the pre-clip norm."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf")) if params else 0.0
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

@@ -1,0 +1,134 @@
+"""RL invariants: loss denominators count only real completion tokens, end to end through micro-batching;
+a non-finite reward never reaches the loss; over-long prompts are dropped and counted."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tunelab.adapters.lora import inject_lora
+from tunelab.config.load import validate_config
+from tunelab.losses.ppo import grpo_loss
+from tunelab.rollout.batch import RolloutBatch, accumulate
+from tunelab.rollout.prompts import Prompt, collate_prompts, load_prompts
+from tunelab.rollout.scoring import score_completions
+from tests.conftest import make_tiny_llama
+
+
+def _policy():
+    model = make_tiny_llama()
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def _rollout(mask_truncated=False):
+    """6 completions of lengths 1..5 and one truncated (no stop token 2), junk ids in the padding."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [Prompt([], torch.randint(3, 97, (n,), generator=gen).tolist(), {}) for n in (2, 5, 3, 4, 6, 3)]
+    prompt_ids, prompt_mask = collate_prompts(prompts, 0)
+    lengths, width = [1, 3, 5, 2, 4, 5], 6
+    ids = torch.randint(3, 97, (6, width), generator=gen)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    truncated = torch.tensor([False, False, False, False, False, True])
+    for row, n in enumerate(lengths):
+        if not truncated[row]:
+            ids[row, n - 1] = 2
+    loss_mask = mask & ~truncated[:, None] if mask_truncated else mask
+    batch = RolloutBatch(prompt_ids, prompt_mask, ids, mask, loss_mask, truncated)
+    batch.extra["advantages"] = torch.tensor([1.0, -0.5, 0.25, 2.0, -1.0, 0.75])
+    return batch
+
+
+def _loss_fn(model, normalization):
+    def loss_fn(micro):
+        scored = score_completions(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask)
+        return grpo_loss(scored.logps, scored.logps.detach() + 0.1 * micro.loss_mask, micro.extra["advantages"],
+                         micro.loss_mask, normalization=normalization)
+    return loss_fn
+
+
+def _grads(batch, micro_batch_size, normalization):
+    model = _policy()
+    metrics = accumulate(batch, micro_batch_size, normalization, _loss_fn(model, normalization))
+    return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_micro_batched_grpo_equals_one_pass(normalization):
+    full, g_full = _grads(_rollout(), None, normalization)
+    for size in (1, 4):
+        micro, g = _grads(_rollout(), size, normalization)
+        assert abs(micro["loss"] - full["loss"]) < 1e-6
+        assert micro["policy/num_tokens"] == full["policy/num_tokens"] == 20
+        for name in g_full:
+            assert torch.allclose(g[name], g_full[name], atol=1e-6), name
+
+
+def test_grpo_token_denominator_is_the_number_of_real_completion_tokens():
+    """Hand-derived: with ratio exp(-0.1) inside the clip range, per-token loss is -A exp(-0.1); token mean =
+    -exp(-0.1) * sum_i A_i n_i / sum_i n_i over real tokens only (n = 1, 3, 5, 2, 4, 5 → 20 tokens)."""
+    batch = _rollout()
+    metrics = accumulate(batch, 2, "token", _loss_fn(_policy(), "token"))
+    adv, n = batch.extra["advantages"], torch.tensor([1, 3, 5, 2, 4, 5.0])
+    expected = -torch.exp(torch.tensor(-0.1)) * (adv * n).sum() / n.sum()
+    assert abs(metrics["loss"] - float(expected)) < 1e-5
+    junk = _rollout()  # different ids at padding positions change nothing
+    junk.completion_ids[~junk.completion_mask] = 7
+    assert abs(accumulate(junk, 2, "token", _loss_fn(_policy(), "token"))["loss"] - metrics["loss"]) < 1e-6
+
+
+def test_masked_truncated_completions_leave_numerator_and_denominator():
+    batch = _rollout(mask_truncated=True)
+    metrics = accumulate(batch, 4, "token", _loss_fn(_policy(), "token"))
+    adv, n = batch.extra["advantages"][:5], torch.tensor([1, 3, 5, 2, 4.0])
+    assert metrics["policy/num_tokens"] == 15
+    assert abs(metrics["loss"] - float(-torch.exp(torch.tensor(-0.1)) * (adv * n).sum() / n.sum())) < 1e-5
+
+
+def test_non_finite_reward_never_reaches_the_loss(tmp_path, smollm2_tokenizer):
+    from tunelab.recipes.grpo import grpo_step
+    from tunelab.rollout.rewards import RewardError, RewardTerm
+    from tunelab.rollout.session import RLSession
+    from tunelab.training.optim import build_optimizer, build_scheduler
+
+    config = validate_config({"task": "grpo", "model": {"name_or_path": "x"}, "data": {"train": {"path": "x"}},
+                              "rl": {"num_generations": 2, "max_new_tokens": 4, "rewards": [{"type": "exact_match"}]}})
+    model = make_tiny_llama(vocab_size=len(smollm2_tokenizer))
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def bad(inputs):
+        calls.append(1)
+        return [float("nan")] + [1.0] * (len(inputs.completions) - 1)
+
+    prompts = [Prompt([{"role": "user", "content": "q"}], [5, 6, 7], {"answer": "1"})]
+    session = RLSession(model, smollm2_tokenizer, None, [], 0, [RewardTerm("bad", 1.0, bad)], [2], torch.device("cpu"))
+    optimizer = build_optimizer(model, config.train)
+    with pytest.raises(RewardError, match="bad returned a non-finite value"):
+        grpo_step(session, prompts, config, optimizer, build_scheduler(optimizer, config.train, 1), None,
+                  torch.Generator().manual_seed(0))
+    assert calls and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_prompts_longer_than_budget_are_dropped_and_counted(tmp_path, smollm2_tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "short", "answer": "1"}, {"prompt": "word " * 200, "answer": "2"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "dropped turn"}]},
+            {"prompt": "word " * 90}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = validate_config({"task": "grpo", "model": {"name_or_path": "x"}, "data": {"train": {"path": str(path)}},
+                              "rl": {"rewards": [{"type": "exact_match"}]}})
+    result = load_prompts(config.data.train, config.data, smollm2_tokenizer, max_prompt_len=64)
+    assert result.num_records == 4 and result.num_too_long == 2 and len(result.prompts) == 2
+    assert result.longest_dropped > 200
+    assert result.prompts[0].example["answer"] == "1"
+    assert result.prompts[1].messages[-1] == {"role": "user", "content": "hi"}  # trailing reply removed
+    assert all(n <= 64 for n in result.kept_lengths)

@@ -1,0 +1,127 @@
+"""The reward and DPO recipes end to end on a tiny Llama (a few steps), and `tunelab score`."""
+
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from tunelab.config.load import validate_config
+from tunelab.models.run import read_run_info
+
+PAIRS = [{"prompt": f"Question {i}: what should I do about error {i}?", "chosen": f"Restart service {i}.",
+          "rejected": f"I am not sure what error {i} means, sorry, please ask someone else."} for i in range(10)]
+QUIET = Console(quiet=True)
+
+
+def write_pairs(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[:7]))
+    held.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[7:]))
+    return train, held
+
+
+def make_config(tmp_path, model_dir, task, **sections):
+    train, held = write_pairs(tmp_path)
+    raw = {"task": task, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model_dir)},
+           "data": {"train": {"path": str(train)}, "validation": {"path": str(held)}, "max_seq_len": 64},
+           "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "eval_every": 1, "threads": 1},
+           "lora": {"r": 4, "alpha": 8}, "eval": {"sample_questions": 1, "max_new_tokens": 4}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_config(raw)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_lora_run_logs_every_metric_and_starts_at_ln2(tmp_path, tiny_model_dir):
+    from tunelab.recipes.dpo import train
+
+    results = train(make_config(tmp_path, tiny_model_dir, "dpo", data={"packing": True}), console=QUIET)
+    before = results["held_out_before"]
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and before["rewards/margins"] == 0.0
+    records = metrics(tmp_path / "run")
+    step = next(r for r in records if "loss" in r)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
+                "logps/rejected"):
+        assert key in step and f"eval/{key}" in records[-1]
+    assert step["units"] == 4  # pairs per optimizer step
+    assert results["held_out_after"]["rewards/margins"] > 0  # lr 1e-2 on 7 pairs: the implicit margin grows
+    assert read_run_info(tmp_path / "run")["method"] == "lora" and (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_full_finetuning_precomputes_the_reference_once_and_reuses_the_cache(tmp_path, tiny_model_dir):
+    from tunelab.recipes.dpo import train
+
+    config = make_config(tmp_path, tiny_model_dir, "dpo", train={"method": "full", "lr": 1e-3})
+    train(config, console=QUIET)
+    cache = tmp_path / "run" / "reference_logps" / "reference_logps.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    train(config, overwrite=True, console=QUIET)
+    assert cache.stat().st_mtime_ns == stamp  # same data and tokens: loaded, not recomputed
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "ipo", "hinge"])
+def test_other_losses_train(tmp_path, tiny_model_dir, loss):
+    from tunelab.recipes.dpo import train
+
+    results = train(make_config(tmp_path, tiny_model_dir, "dpo", preference={"loss": loss}), console=QUIET)
+    assert results["reference"] == ("none" if loss in ("simpo", "orpo") else "adapters_off")
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run") if "loss" in r)
+
+
+def test_dpo_from_an_sft_adapter_run_uses_the_sft_model_as_reference(tmp_path, tiny_model_dir):
+    from tunelab.adapters.lora import inject_lora, lora_layers
+    from tunelab.models.loading import load_model, load_tokenizer
+    from tunelab.models.run import load_run, save_run
+    from tunelab.recipes.dpo import train
+
+    sft = load_model(str(tiny_model_dir))
+    inject_lora(sft, "all-linear", r=4, alpha=8)
+    for _, layer in lora_layers(sft):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    save_run(tmp_path / "sft", sft, load_tokenizer(str(tiny_model_dir)), method="lora", base_model=str(tiny_model_dir),
+             config_yaml="", results={})
+    config = make_config(tmp_path, tmp_path / "sft", "dpo", train={"max_steps": 1})
+    results = train(config, console=QUIET)
+    from tunelab.data.preference import PairTokenizer, preference_collate, to_preference_example, tokenize_pairs
+    from tunelab.models.logps import eval_pair_logps
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs, _ = tokenize_pairs([to_preference_example(p, {}, "r") for p in PAIRS[7:]], PairTokenizer(tok, 64))
+    sft_logps = eval_pair_logps(load_run(tmp_path / "sft")[0], preference_collate(pairs, tok.pad_token_id))
+    assert results["held_out_before"]["logps/chosen"] == pytest.approx(sft_logps.chosen.mean().item(), abs=1e-4)
+    assert read_run_info(tmp_path / "run")["method"] == "full"  # SFT + DPO adapters merged
+    load_run(tmp_path / "run")
+
+
+def test_reward_model_lora_trains_the_head_saves_it_and_scores(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from tunelab.cli.preference_cmds import score_pairs
+    from tunelab.recipes.reward import train
+
+    config = make_config(tmp_path, tiny_model_dir, "reward", data={"packing": False}, train={"max_steps": 3})
+    results = train(config, console=QUIET)
+    after = results["held_out_after"]
+    assert 0.0 <= after["accuracy_low"] <= after["accuracy"] <= after["accuracy_high"] <= 1.0 and after["pairs"] == 3
+    run = tmp_path / "run"
+    assert "base_model.model.score.weight" in load_file(str(run / "adapter_model.safetensors"))
+    assert json.loads((run / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    summary = score_pairs(run, str(tmp_path / "held.jsonl"), None, "train", 2, None, tmp_path / "s.jsonl", 2, QUIET)
+    assert summary["accuracy"] == after["accuracy"]
+    assert summary["margin"] == pytest.approx(after["margin"], abs=1e-4)
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
+
+
+def test_wilson_interval_matches_the_formula():
+    from tunelab.recipes.reward import wilson_interval
+
+    # p = 81/123 = 0.658537, z^2/n = 0.031231: centre = (p + z^2/2n) / (1 + z^2/n) = 0.653736,
+    # half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n) = 1.96 * 0.043493 / 1.031231 = 0.082663
+    low, high = wilson_interval(81, 123)
+    assert (round(low, 4), round(high, 4)) == (0.5711, 0.7364)
+    assert wilson_interval(0, 0) == (0.0, 1.0)

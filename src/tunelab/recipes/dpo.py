@@ -34,7 +34,7 @@ from tunelab.adapters.lora import merge_lora
 from tunelab.config.load import dump_config
 from tunelab.config.preference import PreferenceConfig
 from tunelab.config.schema import Config
-from tunelab.data.preference import prepare_pairs, preference_batch_plan, reply_text
+from tunelab.data.preference import PreparedPairs, prepare_pairs, preference_batch_plan, reply_text
 from tunelab.data.templates import resolve_chat_template
 from tunelab.losses.preference import PREFERENCE_LOSSES
 from tunelab.models.generate import generate_replies
@@ -43,7 +43,7 @@ from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pai
 from tunelab.models.run import load_run, save_run
 from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
 from tunelab.recipes.reward import wilson_interval
-from tunelab.training.loop import Batch, fit
+from tunelab.training.loop import Batch, BatchPlan, fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
 
@@ -65,12 +65,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         disable_dropout(model)
     data = prepare_pairs(dc, tokenizer, tc.seed)
     console.print(f"[bold]data[/] pairs train={data.train_stats.summary()}")
-    plan = preference_batch_plan(data.train, batch_size=tc.batch_size, max_seq_len=dc.max_seq_len,
-                                 packing=dc.packing, shuffle=dc.shuffle, seed=tc.seed,
-                                 pad_token_id=tokenizer.pad_token_id)
-    eval_batches = preference_batch_plan(data.validation, batch_size=config.eval.batch_size,
-                                         max_seq_len=dc.max_seq_len, packing=dc.packing, shuffle=False, seed=0,
-                                         pad_token_id=tokenizer.pad_token_id).make_epoch(0) if data.validation else []
+    plan, eval_batches = _plans(data, config, tokenizer.pad_token_id)
     kind = pc.resolved_reference(tc.method)
     cache = Path(pc.reference_cache or output_dir / "reference_logps") / "reference_logps.safetensors"
     reference = None
@@ -81,8 +76,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     def evaluate() -> dict[str, float]:
         return evaluate_preference(model, eval_batches, reference, pc, device, tc.precision)
 
-    prompts = [e["prompt"] for e in data.validation_examples][: config.eval.sample_questions]
-    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
     answers_before = _answers(model, tokenizer, prompts, config) if resume_from is None else []
     before = evaluate() if eval_batches and config.eval.before_training and resume_from is None else None
     if before:
@@ -108,16 +102,43 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
-    model.train(False)
-    method = tc.method
-    if from_adapter and method == "lora":
-        merge_lora(model)
-        method = "full"
-    save_run(output_dir, model, tokenizer, method=method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results)
+    _save(model, tokenizer, config, config_yaml, results, merge=from_adapter)
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"{pc.loss} {config.model.name_or_path}")
     _report(console, results, output_dir)
     return results
+
+
+def _plans(data: PreparedPairs, config: Config, pad_token_id: int) -> tuple[BatchPlan, list[Batch]]:
+    tc, dc = config.train, config.data
+    plan = preference_batch_plan(data.train, batch_size=tc.batch_size, max_seq_len=dc.max_seq_len,
+                                 packing=dc.packing, shuffle=dc.shuffle, seed=tc.seed, pad_token_id=pad_token_id)
+    if not data.validation:
+        return plan, []
+    return plan, preference_batch_plan(data.validation, batch_size=config.eval.batch_size, max_seq_len=dc.max_seq_len,
+                                       packing=dc.packing, shuffle=False, seed=0,
+                                       pad_token_id=pad_token_id).make_epoch(0)
+
+
+def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[str, str]]]:
+    prompts: list[list[dict[str, str]]] = []
+    for example in examples:
+        prompt = example["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if prompt not in prompts and len(prompts) < n:
+            prompts.append(prompt)
+    return prompts
+
+
+def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, results: dict[str, Any],
+          merge: bool) -> None:
+    """Save the run; a policy that started from an SFT adapter is saved merged (full weights)."""
+    model.train(False)
+    method = config.train.method
+    if merge and method == "lora":
+        merge_lora(model)
+        method = "full"
+    save_run(Path(config.output_dir), model, tokenizer, method=method, base_model=config.model.name_or_path,
+             config_yaml=config_yaml, results=results)
 
 
 def load_start_model(config: Config) -> tuple[nn.Module, Any, bool]:

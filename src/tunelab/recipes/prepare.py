@@ -66,6 +66,7 @@ def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
                             exclude=list(modules_to_save))
         for module_name in modules_to_save:
             model.get_submodule(module_name).requires_grad_(True)
+        upcast_trainable(model)
         return names
     if method == "freeze":
         model.requires_grad_(False)
@@ -77,6 +78,41 @@ def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     else:
         model.requires_grad_(True)
     return []
+
+
+def weights_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """Dtype to load weights in (``model.dtype``; 'auto' = bf16 for a frozen LoRA base on CUDA).
+
+    Raises:
+        TunelabError: bf16 weights with ``train.precision: fp32`` (adapters would meet bf16 inputs
+            without autocast), or bf16 weights for full/freeze fine-tuning (no fp32 master copy).
+    """
+    choice = config.model.dtype
+    if choice == "auto":
+        choice = "bfloat16" if device.type == "cuda" and config.train.method == "lora" else "float32"
+    if choice == "bfloat16":
+        if config.train.method != "lora":
+            raise TunelabError("model.dtype: bfloat16 is only for a frozen LoRA base; full/freeze training keeps "
+                               "float32 master weights (use train.precision: bf16 for bf16 compute)")
+        if config.train.precision == "fp32":
+            raise TunelabError("model.dtype: bfloat16 needs train.precision auto or bf16 (autocast), not fp32")
+    return torch.bfloat16 if choice == "bfloat16" else torch.float32
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Keep every trainable parameter in float32 (master weights for the optimizer)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def configure_attention_backends(config: Config) -> None:
+    """Apply ``train.cudnn_sdpa`` (CUDA only; see bench/RESULTS.md for the measurement behind 'auto')."""
+    if not torch.cuda.is_available():
+        return
+    choice = config.train.cudnn_sdpa
+    enabled = choice == "on" or (choice == "auto" and config.train.method != "lora")
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

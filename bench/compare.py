@@ -175,8 +175,9 @@ def run_tunelab_side(args, model_dir, data_path, peers: list[dict]) -> dict:
     if ref is None:
         return {"kind": "tunelab", "setting": "tunelab", "error": "no successful peer run to size tokens_per_step"}
     tokens_per_step = round(sum(ref["real_tokens_per_step"]) / len(ref["real_tokens_per_step"]))
-    result = run_in_subprocess("tunelab", timeout_s=args.timeout_s,
-                               tokens_per_step=tokens_per_step, **common_kwargs(args, model_dir, data_path))
+    result = run_in_subprocess("tunelab", timeout_s=args.timeout_s, tokens_per_step=tokens_per_step,
+                               batch_example_ids=ref.get("batch_example_ids"),
+                               **common_kwargs(args, model_dir, data_path))
     result.setdefault("kind", "tunelab")
     result.setdefault("setting", "tunelab")
     missing = [k for k in TUNELAB_REQUIRED_KEYS if k not in result]

@@ -93,7 +93,10 @@ def main() -> int:
         resumed = train("fsdp resume@4", build_model("full", runtime.device),
                         init_distributed(DistributedConfig(strategy="fsdp"), "auto"), tmp / "b", 8,
                         resume=tmp / "a" / "checkpoints" / "step-000004")
-        if any(abs(fsdp[s] - resumed[s]) > 1e-4 for s in range(5, 9)):
+        # bf16 GPU kernels are not bitwise deterministic run to run: 2.6e-4 nats (2.6e-5 relative) was
+        # measured on an H200 (bench/results/distributed.md), so the GPU tolerance is relative 1e-4.
+        tol = (lambda a: 1e-4 * abs(a)) if torch.cuda.is_available() else (lambda a: 1e-5)
+        if any(abs(fsdp[s] - resumed[s]) > tol(fsdp[s]) for s in range(5, 9)):
             failures.append("resume from the sharded checkpoint did not repeat the losses")
         plain = train("no fsdp, bf16 autocast", build_model("full", runtime.device), single_process(runtime.device),
                       tmp / "c", 8)

@@ -122,12 +122,13 @@ def test_prompts_longer_than_budget_are_dropped_and_counted(tmp_path, smollm2_to
     path = tmp_path / "prompts.jsonl"
     rows = [{"prompt": "short", "answer": "1"}, {"prompt": "word " * 200, "answer": "2"},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "dropped turn"}]},
-            {"prompt": "word " * 90}]
+            {"prompt": "word " * 90}, {"prompt": "short", "answer": "other"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = validate_config({"task": "grpo", "model": {"name_or_path": "x"}, "data": {"train": {"path": str(path)}},
                               "rl": {"rewards": [{"type": "exact_match"}]}})
     result = load_prompts(config.data.train, config.data, smollm2_tokenizer, max_prompt_len=64)
-    assert result.num_records == 4 and result.num_too_long == 2 and len(result.prompts) == 2
+    assert result.num_records == 5 and result.num_too_long == 2 and len(result.prompts) == 2
+    assert result.num_duplicates == 1
     assert result.longest_dropped > 200
     assert result.prompts[0].example["answer"] == "1"
     assert result.prompts[1].messages[-1] == {"role": "user", "content": "hi"}  # trailing reply removed

@@ -33,7 +33,7 @@ def register(app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Metrics of a classification run on any labelled data: accuracy, F1, per class, confusion matrix."""
         metrics = evaluate_run(run_dir, data, split=split, batch_size=batch_size, out=out)
-        print_metrics(console, metrics, title=f"{run_dir} on {data}" + (f" [{split}]" if split != "train" else ""))
+        print_metrics(console, metrics, title=f"{run_dir} on {data}" + (f" (split {split})" if split != "train" else ""))
         if out:
             console.print(f"[bold green]wrote[/] {out}")
 

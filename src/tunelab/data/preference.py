@@ -190,6 +190,9 @@ class PairTokenizer:
         stats.lengths.extend([len(pair.chosen_ids), len(pair.rejected_ids)])
         stats.num_tokens += pair.num_tokens
         stats.num_supervised += sum(x != IGNORE_INDEX for x in pair.chosen_labels + pair.rejected_labels)
+        eos = self.tokenizer.eos_token_id
+        stats.num_ending_with_eos += sum(eos is not None and [x for x in labels if x != IGNORE_INDEX][-1] == eos
+                                         for _, labels in sides)  # counts sequences (2 per pair)
         return pair
 
     def encode(self, prompt: str | Messages, reply: str | Messages) -> tuple[list[int], list[int], list[int]]:

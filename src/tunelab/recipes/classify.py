@@ -98,6 +98,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     plan = classification_batch_plan(data.train, batch_size=tc.batch_size, shuffle=config.data.shuffle,
                                       seed=tc.seed, pad_token_id=tokenizer.pad_token_id)
     counter = _StepCounter(tc.grad_accum, _resumed_step(resume_from))
+    planned_steps = total_steps(plan, tc)
     selector = BestSelector(model, cc.metric_for_best, cc.early_stopping_patience, cc.early_stopping_min_delta)
 
     def compute_loss(m: nn.Module, batch: dict[str, torch.Tensor], normalizer: int):
@@ -106,7 +107,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     def evaluate() -> dict[str, float]:
         full = evaluate_full()
-        if selector.update(counter.step, full):
+        if selector.update(counter.step, full) and counter.step < planned_steps:
             _append_metrics(output_dir, counter.step, scalar_metrics(full))
             raise _EarlyStop
         return scalar_metrics(full)
@@ -128,7 +129,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         "train": data.train_stats.summary(), "held_out": data.validation_stats.summary() if data.validation else None,
         "held_out_before": scalar_metrics(before) if before else None, "held_out_best": selector.best_metrics,
         "metric_for_best": cc.metric_for_best, "best_step": selector.best_step, "steps": steps,
-        "stopped_early": steps < total_steps(plan, tc), "fit_seconds": round(fit_seconds, 1),
+        "stopped_early": steps < planned_steps, "fit_seconds": round(fit_seconds, 1),
         "train_seconds": round(time.perf_counter() - started, 1), "head_modules": head_modules,
     }
     model.train(False)

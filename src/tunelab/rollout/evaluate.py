@@ -50,9 +50,10 @@ def evaluate_rewards(
 
 def sample_records(inputs: RewardInputs, total: torch.Tensor, per_term: dict[str, torch.Tensor],
                    limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` JSON-ready ``{prompt, completion, reward, rewards}`` records."""
-    out = []
-    for row in range(min(max(limit, 0), len(inputs.completions))):
+    """Up to ``limit`` JSON-ready ``{prompt, completion, reward, rewards}`` records, spread evenly over the batch
+    (so GRPO samples come from different prompt groups)."""
+    out, size = [], len(inputs.completions)
+    for row in list(range(0, size, max(1, size // max(limit, 1))))[:max(limit, 0)]:
         out.append({"prompt": inputs.prompts[row], "completion": inputs.completions[row],
                     "reward": round(float(total[row]), 4),
                     "rewards": {k: round(float(v[row]), 4) for k, v in per_term.items()}})
@@ -78,7 +79,11 @@ def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str,
     kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if points:
-        ax.plot(*zip(*points), label="train reward (mean over rollout)", linewidth=1)
+        ax.plot(*zip(*points), label="train reward (mean over rollout)", linewidth=1, alpha=0.5)
+        window = 5
+        if len(points) >= window:
+            smooth = [sum(v for _, v in points[i - window + 1:i + 1]) / window for i in range(window - 1, len(points))]
+            ax.plot([s for s, _ in points[window - 1:]], smooth, label=f"moving average ({window} steps)", linewidth=2)
     if held_out is not None:
         ax.plot([0, steps], list(held_out), "o--", label="held-out reward (greedy), before → after")
     ax.set_xlabel("RL step")

@@ -39,6 +39,7 @@ class PromptSet:
     prompts: list[Prompt]
     num_records: int
     num_too_long: int = 0
+    num_duplicates: int = 0
     longest_dropped: int = 0
     kept_lengths: list[int] = field(default_factory=list)
 
@@ -80,7 +81,8 @@ def load_prompts(
     """Read ``source`` as RL prompts rendered with the chat template's generation prompt.
 
     Prompts longer than ``max_prompt_len`` tokens are dropped and counted, never truncated (a cut
-    prompt would ask a different question).
+    prompt would ask a different question). A prompt identical to an earlier one is kept once
+    (counted in ``num_duplicates``; the first record's fields are the ones rewards see).
 
     Raises:
         DataError: a bad record (see :func:`record_messages`), a tokenizer without chat template,
@@ -90,11 +92,16 @@ def load_prompts(
         raise DataError("RL prompts are rendered with a chat template; set model.chat_template (e.g. 'chatml')")
     records = load_records(source)[:limit] if limit else load_records(source)
     result = PromptSet([], num_records=len(records))
+    seen: set[str] = set()
     for i, record in enumerate(records, start=1):
         messages = record_messages(record, data.columns, where=f"{source.path} record #{i}")
         if data.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": data.system_prompt})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text in seen:  # the same prompt twice (e.g. preference pairs sharing a prompt) is kept once
+            result.num_duplicates += 1
+            continue
+        seen.add(text)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_len:
             result.num_too_long += 1

@@ -57,7 +57,8 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
     else:
         held_out = []
     console.print(f"[bold]prompts[/] train {len(train.prompts)} (dropped {train.num_too_long} longer than "
-                  f"{rl.max_prompt_len} tokens), held-out {len(held_out)} (dropped {held_too_long})")
+                  f"{rl.max_prompt_len} tokens, {train.num_duplicates} duplicates), held-out {len(held_out)} "
+                  f"(dropped {held_too_long})")
     model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
                        revision=mc.revision, attn_implementation=mc.attn_implementation).to(device)
     model.eval()

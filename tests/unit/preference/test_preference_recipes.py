@@ -125,3 +125,35 @@ def test_wilson_interval_matches_the_formula():
     low, high = wilson_interval(81, 123)
     assert (round(low, 4), round(high, 4)) == (0.5711, 0.7364)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_generate_rejected_writes_pairs_with_the_real_answer_as_chosen(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    import tunelab.models.generate
+    from tunelab.cli.app import app
+
+    calls = []
+
+    def fake_replies(model, tokenizer, conversations, max_new_tokens):
+        calls.append(len(conversations))
+        return ["answer 2" if c[-1]["content"] == "q2" else f"model reply to {c[-1]['content']}" for c in conversations]
+
+    monkeypatch.setattr(tunelab.models.generate, "generate_replies", fake_replies)
+    conversations = tmp_path / "conv.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(3)] + [{"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "b"}]},
+                                  {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "q0"},
+                                                {"role": "assistant", "content": "other"}]}]
+    conversations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["generate-rejected", "--data", str(conversations), "--out", str(out), "--model",
+                                      str(tiny_model_dir), "--max-new-tokens", "3", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert calls == [2, 2]  # 4 distinct prompts (q0 twice as the same prompt), 2 per generate() call
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["chosen"] for p in pairs] == ["answer 0", "answer 1", "b", "other"]  # q2: model said the answer
+    assert [p["rejected"] for p in pairs] == ["model reply to q0", "model reply to q1", "model reply to q0",
+                                              "model reply to q0"]
+    assert pairs[0]["prompt"] == "q0" and pairs[3]["prompt"][0]["role"] == "system"  # multi-turn stays a list
+    assert "'skipped_equal': 1" in " ".join(result.output.split())

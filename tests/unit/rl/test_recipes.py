@@ -64,3 +64,32 @@ def test_ppo_recipe_runs_with_value_head_and_kl(tmp_path, tiny_model_dir):
         assert key in lines[0], key
     assert lines[0]["kl"] == 0.0  # first rollout comes from the reference itself (LoRA B = 0)
     assert lines[1]["kl_coef"] != lines[0]["kl_coef"]  # adaptive controller moved
+
+
+def test_ppo_with_a_reward_model_run(tmp_path, tiny_model_dir, smollm2_tokenizer):
+    """The reward_model term loads a sequence-classifier run dir and scores prompt + completion."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tunelab.recipes.ppo import train
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=smollm2_tokenizer.pad_token_id))
+    rm_dir = tmp_path / "rm"
+    rm.save_pretrained(rm_dir)
+    smollm2_tokenizer.save_pretrained(rm_dir)
+    config = _config(tmp_path, tiny_model_dir, "ppo", [{"type": "reward_model", "run_dir": str(rm_dir)}],
+                     num_generations=1, kl_coef=0.1)
+    train(config)
+    lines = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward/reward_model"] != 0 and r["reward/std"] > 0 for r in lines)
+
+
+def test_reward_model_run_dir_missing_is_a_clear_error(tmp_path):
+    from tunelab.config.rl import RewardModelReward
+    from tunelab.rollout.rewards import RewardError, build_reward_terms
+
+    with pytest.raises(RewardError, match="run directory not found: .*nope.*task: reward"):
+        build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "nope"))])

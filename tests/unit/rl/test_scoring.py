@@ -61,3 +61,13 @@ def test_value_head_reads_the_state_before_each_token():
         hidden = model.model(ids).last_hidden_state
     expected = head(hidden[:, len(prompts[1].input_ids) - 1:-1])
     assert values.shape == (2, 4) and torch.allclose(values[1], expected[0], atol=1e-5)
+
+
+def test_value_head_save_load_roundtrip(tmp_path):
+    from tunelab.models.value_head import ValueHead
+
+    head = ValueHead(8)
+    head.save(tmp_path)
+    loaded = ValueHead.load(tmp_path)
+    hidden = torch.randn(2, 3, 8)
+    assert torch.equal(head(hidden), loaded(hidden)) and head(hidden).shape == (2, 3)

@@ -1,0 +1,1 @@
+"""Generation and scoring for online RL (PPO/GRPO): prompts, sampling, rewards, log-probs, rollout batches."""

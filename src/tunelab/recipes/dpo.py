@@ -41,7 +41,9 @@ from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
 from tunelab.models.run import load_run, save_run
-from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
+from tunelab.recipes.prepare import (
+    check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable, weights_dtype,
+)
 from tunelab.recipes.reward import wilson_interval
 from tunelab.training.loop import Batch, BatchPlan, fit
 from tunelab.training.metrics import plot_loss_curve
@@ -59,7 +61,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     device = pick_device()
     config_yaml = dump_config(config)
 
-    model, tokenizer, from_adapter = load_start_model(config)
+    model, tokenizer, from_adapter = load_start_model(config, weights_dtype(config, device))
     model.to(device)
     if pc.disable_dropout:
         disable_dropout(model)
@@ -83,6 +85,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         console.print("[bold]before[/] " + _fmt(before))
 
     setup_trainable(model, config)
+    upcast_trainable(model)  # fp32 master weights for adapters on a bf16 base (model.dtype)
     if pc.disable_dropout:
         disable_dropout(model)  # again: LoRA layers injected just now carry lora.dropout
     if kind == "adapters_off":
@@ -141,13 +144,13 @@ def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, re
              config_yaml=config_yaml, results=results)
 
 
-def load_start_model(config: Config) -> tuple[nn.Module, Any, bool]:
+def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, bool]:
     """Model, tokenizer and whether an SFT adapter was merged: a LoRA run directory is loaded as
     base + adapter and merged; anything else loads through :func:`tunelab.models.loading.load_model`."""
     mc = config.model
     path = Path(mc.name_or_path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        model, tokenizer, _ = load_run(path, attn_implementation=mc.attn_implementation)
+        model, tokenizer, _ = load_run(path, attn_implementation=mc.attn_implementation, dtype=dtype)
         merge_lora(model)
         model.requires_grad_(True)
         resolve_chat_template(tokenizer, mc.chat_template)
@@ -155,7 +158,7 @@ def load_start_model(config: Config) -> tuple[nn.Module, Any, bool]:
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
     resolve_chat_template(tokenizer, mc.chat_template)
     model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
-                       revision=mc.revision, attn_implementation=mc.attn_implementation)
+                       revision=mc.revision, attn_implementation=mc.attn_implementation, dtype=dtype)
     return model, tokenizer, False
 
 

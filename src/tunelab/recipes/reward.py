@@ -31,7 +31,9 @@ from tunelab.losses.reward import bradley_terry_loss
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
-from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
+from tunelab.recipes.prepare import (
+    check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable, weights_dtype,
+)
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
@@ -62,7 +64,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     model = load_model(mc.name_or_path, AutoModelForSequenceClassification, num_labels=1,
                        trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle, revision=mc.revision,
-                       attn_implementation=mc.attn_implementation).to(device)
+                       attn_implementation=mc.attn_implementation, dtype=weights_dtype(config, device)).to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = head_modules(model)
@@ -77,6 +79,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         console.print(f"[bold]before[/] held-out pairwise accuracy {_fmt_acc(before)}  margin {before['margin']:+.4f}")
     saved_modules = heads if tc.method == "lora" else []
     setup_trainable(model, config, modules_to_save=saved_modules)
+    upcast_trainable(model)  # the new head and adapters train in fp32 on a bf16 base (model.dtype)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {mc.name_or_path} + 1-output head {heads}: {trainable:,} trainable of "
                   f"{total:,} parameters ({tc.method}), device {device}")

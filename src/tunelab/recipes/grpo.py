@@ -22,39 +22,30 @@ from rich.console import Console
 
 from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
-from tunelab.errors import TunelabError
 from tunelab.losses.advantages import grpo_advantages, masked_mean
 from tunelab.losses.ppo import grpo_loss
 from tunelab.models.run import save_run
-from tunelab.recipes.prepare import check_output_dir, count_parameters, seed_everything, setup_trainable
+from tunelab.recipes.prepare import count_parameters, setup_trainable
+from tunelab.recipes.rl_start import start_rl_run
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
 from tunelab.rollout.evaluate import (
     held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
 )
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
-from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, open_session, prompts_for_step
+from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
-from tunelab.training.precision import pick_device
 
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run GRPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
     console = console or Console()
-    if resume:
-        raise TunelabError("task=grpo cannot resume from a checkpoint; start again with --overwrite")
-    started = time.perf_counter()
+    session, before, started = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
     output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
-    check_output_dir(output_dir, resume, overwrite)
-    seed_everything(tc.seed, tc.threads)
-    device = pick_device()
-    session = open_session(config, device, console)
+    device = session.device
     model = session.model
-    before = held_out_rewards(session, config) if config.eval.before_training and session.held_out else None
-    if before:
-        console.print(f"[bold]before[/] held-out reward {before['reward']:.4f} on {before['num_prompts']} prompts")
 
     setup_trainable(model, config)
     reference = frozen_copy(model) if tc.method != "lora" and rl.beta > 0 else None

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import random
-
 from tunelab.data.collate import num_supervised_tokens, pad_collate, packed_collate
-from tunelab.data.packing import pack_best_fit
+from tunelab.data.packing import epoch_index_groups
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.training.loop import Batch, BatchPlan
 
@@ -23,29 +21,16 @@ def sft_batch_plan(
     fixed by length), so the plan is reproducible for resume.
     """
     pairs = [(e.input_ids, e.labels) for e in examples]
-    if packing:
-        rows = pack_best_fit([len(ids) for ids, _ in pairs], max_seq_len)
-        num_micro = -(-len(rows) // batch_size)
-    else:
-        num_micro = -(-len(pairs) // batch_size)
+    num_micro, groups = epoch_index_groups([len(ids) for ids, _ in pairs], capacity=max_seq_len,
+                                           batch_size=batch_size, packing=packing, shuffle=shuffle, seed=seed)
 
     def make_epoch(epoch: int) -> list[Batch]:
-        rng = random.Random(seed + epoch)
-        if packing:
-            epoch_rows = [list(row) for row in rows]
-            if shuffle:
-                rng.shuffle(epoch_rows)
-                for row in epoch_rows:
-                    rng.shuffle(row)
-            groups = [epoch_rows[i : i + batch_size] for i in range(0, len(epoch_rows), batch_size)]
-            return [_finish(packed_collate([[pairs[i] for i in row] for row in g], pad_token_id),
-                            sum(len(pairs[i][0]) for row in g for i in row)) for g in groups]
-        order = list(range(len(pairs)))
-        if shuffle:
-            rng.shuffle(order)
-        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        return [_finish(pad_collate([pairs[i] for i in g], pad_token_id), sum(len(pairs[i][0]) for i in g))
-                for g in groups]
+        batches = []
+        for g in groups(epoch):
+            rows = [[pairs[i] for i in row] for row in g]
+            batch = packed_collate(rows, pad_token_id) if packing else pad_collate([r[0] for r in rows], pad_token_id)
+            batches.append(_finish(batch, sum(len(ids) for row in rows for ids, _ in row)))
+        return batches
 
     return BatchPlan(micro_batches_per_epoch=num_micro, make_epoch=make_epoch)
 

@@ -8,6 +8,8 @@ row of many examples is slower than several short ones.
 from __future__ import annotations
 
 import bisect
+import random
+from collections.abc import Callable
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -42,3 +44,38 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
             rows.append([i])
             bisect.insort(free, (capacity - n, len(rows) - 1))
     return rows
+
+
+def epoch_index_groups(
+    lengths: list[int], *, capacity: int, batch_size: int, packing: bool, shuffle: bool, seed: int,
+) -> tuple[int, Callable[[int], list[list[list[int]]]]]:
+    """Which items form each micro-batch of each epoch, for any recipe's collator.
+
+    Packed: items are packed once by :func:`pack_best_fit` into rows of at most ``capacity``
+    tokens and ``batch_size`` rows form a micro-batch; epoch ``e`` shuffles (seed ``seed + e``) the
+    order of rows and of items within a row. Unpacked: every row holds one item and ``batch_size``
+    shuffled items form a micro-batch. Deterministic in ``e``, so a resumed run sees the same batches.
+
+    Returns:
+        ``(micro_batches_per_epoch, groups)`` where ``groups(epoch)`` lists micro-batches, each a list
+        of rows, each row a list of item indices.
+    """
+    rows = pack_best_fit(lengths, capacity) if packing else None
+    num_rows = len(rows) if packing else len(lengths)
+
+    def groups(epoch: int) -> list[list[list[int]]]:
+        rng = random.Random(seed + epoch)
+        if packing:
+            epoch_rows = [list(row) for row in rows]
+            if shuffle:
+                rng.shuffle(epoch_rows)
+                for row in epoch_rows:
+                    rng.shuffle(row)
+        else:
+            order = list(range(len(lengths)))
+            if shuffle:
+                rng.shuffle(order)
+            epoch_rows = [[i] for i in order]
+        return [epoch_rows[i : i + batch_size] for i in range(0, len(epoch_rows), batch_size)]
+
+    return -(-num_rows // batch_size), groups

@@ -42,7 +42,7 @@ import torch
 
 from tunelab.config.schema import DataConfig, DataSource
 from tunelab.data.collate import IGNORE_INDEX, packed_collate
-from tunelab.data.packing import pack_best_fit
+from tunelab.data.packing import epoch_index_groups
 from tunelab.data.sources import load_records
 from tunelab.data.templates import render_messages
 from tunelab.data.tokenize import DataStats
@@ -334,26 +334,16 @@ def preference_batch_plan(pairs: list[PreferencePair], *, batch_size: int, max_s
 
     Unpacked: ``batch_size`` pairs per micro-batch, right-padded. Packed: pairs are packed
     best-fit-decreasing into rows of at most ``2 * max_seq_len`` tokens (a pair never splits
-    across rows) and ``batch_size`` rows form a micro-batch.
+    across rows) and ``batch_size`` rows form a micro-batch (see
+    :func:`tunelab.data.packing.epoch_index_groups`).
     """
-    if packing:
-        rows = pack_best_fit([p.num_tokens for p in pairs], 2 * max_seq_len)
-        num_micro = -(-len(rows) // batch_size)
-    else:
-        num_micro = -(-len(pairs) // batch_size)
+    num_micro, groups = epoch_index_groups([p.num_tokens for p in pairs], capacity=2 * max_seq_len,
+                                           batch_size=batch_size, packing=packing, shuffle=shuffle, seed=seed)
 
     def make_epoch(epoch: int) -> list[Batch]:
-        rng = random.Random(seed + epoch)
         if packing:
-            epoch_rows = [list(row) for row in rows]
-            if shuffle:
-                rng.shuffle(epoch_rows)
-            groups = [epoch_rows[i:i + batch_size] for i in range(0, len(epoch_rows), batch_size)]
-            return [preference_packed_collate([[pairs[i] for i in row] for row in g], pad_token_id) for g in groups]
-        order = list(range(len(pairs)))
-        if shuffle:
-            rng.shuffle(order)
-        return [preference_collate([pairs[i] for i in order[s:s + batch_size]], pad_token_id)
-                for s in range(0, len(order), batch_size)]
+            return [preference_packed_collate([[pairs[i] for i in row] for row in g], pad_token_id)
+                    for g in groups(epoch)]
+        return [preference_collate([pairs[row[0]] for row in g], pad_token_id) for g in groups(epoch)]
 
     return BatchPlan(micro_batches_per_epoch=max(num_micro, 1), make_epoch=make_epoch)

@@ -37,6 +37,7 @@ from tunelab.config.schema import Config
 from tunelab.data.preference import PreparedPairs, prepare_pairs, preference_batch_plan, reply_text
 from tunelab.data.templates import resolve_chat_template
 from tunelab.losses.preference import PREFERENCE_LOSSES
+from tunelab.eval.report import print_side_by_side
 from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
@@ -252,11 +253,5 @@ def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None
         for key in keys:
             table.add_row(key, *[f"{m[key]:.4f}" for m in (before, after) if m])
         console.print(table)
-    if results["samples"]:
-        table = Table(title="held-out prompts: starting model vs preference-tuned", show_lines=True)
-        for col in ("prompt", "before", "after"):
-            table.add_column(col, ratio=1)
-        for s in results["samples"]:
-            table.add_row(s["prompt"], s["before"] or "-", s["after"])
-        console.print(table)
+    print_side_by_side(console, results["samples"], "held-out prompts: starting model vs preference-tuned", "prompt")
     console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

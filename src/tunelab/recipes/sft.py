@@ -19,6 +19,7 @@ from tunelab.config.schema import Config
 from tunelab.data.batching import sft_batch_plan
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.templates import resolve_chat_template
+from tunelab.eval.report import print_side_by_side
 from tunelab.eval.perplexity import evaluate_lm
 from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
@@ -141,11 +142,5 @@ def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None
             table.add_row("change", f"{after['loss'] - before['loss']:+.4f}",
                           f"{after['ppl'] / before['ppl']:.2f}×")
         console.print(table)
-    if results["samples"]:
-        table = Table(title="held-out questions: starting model vs fine-tuned", show_lines=True)
-        for col in ("question", "before", "after"):
-            table.add_column(col, ratio=1)
-        for s in results["samples"]:
-            table.add_row(s["prompt"], s["before"] or "-", s["after"])
-        console.print(table)
+    print_side_by_side(console, results["samples"], "held-out questions: starting model vs fine-tuned", "question")
     console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

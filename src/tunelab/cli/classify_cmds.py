@@ -117,16 +117,12 @@ def _prediction(problem_type: str, names: list[str], row: list[float], threshold
 def print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:
     """Scalar metrics, then the per-class table and confusion matrix when present."""
     from tunelab.eval.classification import PER_CLASS, scalar_metrics
+    from tunelab.eval.report import per_class_table
 
     console.print(f"[bold]{title}[/] ({metrics.get('num_examples', '?')} examples)")
     console.print("  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
     if PER_CLASS in metrics:
-        table = Table(title="per class")
-        for col in ("label", "precision", "recall", "f1", "support"):
-            table.add_column(col)
-        for name, m in metrics[PER_CLASS].items():
-            table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-        console.print(table)
+        console.print(per_class_table(metrics[PER_CLASS], "per class"))
     if "confusion_matrix" in metrics:
         table = Table(title="confusion matrix (rows: true, columns: predicted)")
         table.add_column("")

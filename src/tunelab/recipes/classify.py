@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from tunelab.config.classification import HF_PROBLEM_TYPES, higher_is_better
@@ -34,6 +33,7 @@ from tunelab.data.classification import (
     LabelSpace, class_weight_vector, classification_batch_plan, prepare_classification_data,
 )
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.eval.report import per_class_table
 from tunelab.eval.classification import PER_CLASS, evaluate_classifier, plot_confusion_matrix, scalar_metrics
 from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
@@ -242,10 +242,5 @@ def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None
         console.print(f"[bold]best[/] step {results['best_step']} by {results['metric_for_best']}: "
                       + _fmt(scalar_metrics(best)))
         if PER_CLASS in best:
-            table = Table(title="held-out per class")
-            for col in ("label", "precision", "recall", "f1", "support"):
-                table.add_column(col)
-            for name, m in best[PER_CLASS].items():
-                table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-            console.print(table)
+            console.print(per_class_table(best[PER_CLASS], "held-out per class"))
     console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

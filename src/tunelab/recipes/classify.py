@@ -40,7 +40,7 @@ from tunelab.models.heads import sequence_logits
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, count_parameters, enable_gradient_checkpointing, seed_everything, setup_trainable,
+    check_output_dir, count_parameters, seed_everything, setup_trainable,
 )
 from tunelab.training.loop import fit, total_steps
 from tunelab.training.metrics import plot_loss_curve
@@ -89,8 +89,6 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     setup_trainable(model, config, modules_to_save=head_modules if tc.method == "lora" else [])
     for name in head_modules:
         model.get_submodule(name).requires_grad_(True)
-    if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
                   f"({tc.method}, head {head_modules}), device {device}")

@@ -55,10 +55,20 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
 def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str] = ()) -> list[str]:
     """Make the parameters ``train.method`` names trainable; returns LoRA-adapted module names.
 
+    Also turns on activation checkpointing when ``train.gradient_checkpointing`` is set, so every
+    recipe honours that key.
+
     Args:
         modules_to_save: with LoRA, modules trained in full and saved with the adapter (PEFT's
             ``modules_to_save``), e.g. a new classification head ``["score"]``.
     """
+    names = _make_trainable(model, config, modules_to_save)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return names
+
+
+def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]) -> list[str]:
     method = config.train.method
     if method == "lora":
         lc = config.lora

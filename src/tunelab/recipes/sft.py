@@ -26,7 +26,7 @@ from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, configure_attention_backends, count_parameters, enable_gradient_checkpointing, seed_everything,
+    check_output_dir, configure_attention_backends, count_parameters, seed_everything,
     setup_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit
@@ -75,8 +75,6 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         console.print(f"[bold]before[/] held-out loss {before['loss']:.4f}  ppl {before['ppl']:.2f}")
 
     setup_trainable(model, config)
-    if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
                   f"({tc.method}), device {device}")

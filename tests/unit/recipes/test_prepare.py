@@ -35,3 +35,12 @@ def test_adapters_on_a_bf16_base_are_float32():
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_setup_trainable_honours_gradient_checkpointing_for_every_recipe():
+    model = make_tiny_llama()
+    setup_trainable(model, config(gradient_checkpointing=True))
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    plain = make_tiny_llama()
+    setup_trainable(plain, config())
+    assert not plain.is_gradient_checkpointing

@@ -77,4 +77,4 @@ def run_tunelab(model_dir, data_path, *, steps: int, tokens_per_step: int = 0, e
     return {"kind": "tunelab", "setting": f"tunelab (packed ≤{max_len}/row, chunked CE, {precision})",
             "correct": True, "steps": steps, **summarize_steps(times, real, sup, losses),
             "peak_rss_gib": ru_maxrss_bytes() / GIB, "losses": losses, "step_times_s": times,
-            "rows_per_step": None, "precision": precision, "threads": threads}
+            "precision": precision, "threads": threads}

@@ -18,6 +18,16 @@ def brevity(prompt: str, completion: str, example: dict) -> float:
     return max(0.0, min(1.0, (30 - words) / 25))
 
 
+def correct_and_bare(prompt: str, completion: str, example: dict) -> float:
+    """1.0 when the whole reply is exactly the reference number, else 0.0 (needs an ``answer`` field).
+
+    A format reward *gated on correctness*: a bare but wrong number earns nothing, so the policy
+    cannot collect format reward by copying an operand from the question (the reward hacking an
+    ungated "is it just a number?" term invites).
+    """
+    return float(completion.strip().rstrip(".") == str(example["answer"]).strip())
+
+
 def says_answer_first(prompt: str, completion: str, example: dict) -> float:
     """1.0 when the reference answer is the first number in the reply (needs an ``answer`` field)."""
     first = re.search(r"-?\d+", completion)

@@ -16,20 +16,102 @@ from tunelab.models.loading import load_tokenizer
 
 
 def inspect_data(config: Config, num_examples: int, console: Console) -> None:
-    """Print ``num_examples`` rendered examples with supervised tokens highlighted, and dataset stats."""
+    """Print ``num_examples`` examples as the config's task will see them, and dataset stats.
+
+    ``sft``: rendered conversations with supervised tokens highlighted; ``dpo``/``reward``: prompt
+    + chosen and prompt + rejected, reply tokens highlighted, with drop/truncation counts;
+    ``classification``: the text as tokenized (after truncation) and its label, with label counts;
+    ``grpo``/``ppo``: the rendered prompts and how many were dropped as over-long or duplicate.
+
+    Raises:
+        DataError / ConfigError: the same errors training would raise on this data.
+    """
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                                revision=config.model.revision)
     resolve_chat_template(tokenizer, config.model.chat_template)
+    by_task = {"dpo": _inspect_pairs, "reward": _inspect_pairs, "classification": _inspect_classification,
+               "grpo": _inspect_prompts, "ppo": _inspect_prompts}
+    if config.task in by_task:
+        by_task[config.task](config, tokenizer, num_examples, console)
+        return
     data = prepare_data(config.data, tokenizer, config.train.seed)
     console.print(f"[bold]format[/] {data.format}   [bold]max_seq_len[/] {config.data.max_seq_len}   "
                   f"[bold]supervise[/] {config.data.supervise}   legend: [black on green]supervised[/] / plain = context")
     for i, example in enumerate(data.train[:num_examples]):
         console.rule(f"train example {i}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
         console.print(render_supervision(tokenizer, example))
-    for name, stats in (("train", data.train_stats), ("held-out", data.validation_stats)):
+    _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)))
+
+
+def _inspect_pairs(config: Config, tokenizer, num_examples: int, console: Console) -> None:
+    from tunelab.data.preference import prepare_pairs
+
+    pc = config.preference
+    margin = (pc.margin_field, pc.margin) if config.task == "reward" else (None, 0.0)
+    data = prepare_pairs(config.data, tokenizer, config.train.seed, *margin)
+    console.print(f"[bold]task[/] {config.task}   [bold]max_seq_len[/] {config.data.max_seq_len}   "
+                  "legend: [black on green]reply tokens (log-probs / score span)[/] / plain = prompt")
+    for i, pair in enumerate(data.train[:num_examples]):
+        for side, ids, labels in (("chosen", pair.chosen_ids, pair.chosen_labels),
+                                  ("rejected", pair.rejected_ids, pair.rejected_labels)):
+            reply = sum(x != IGNORE_INDEX for x in labels)
+            console.rule(f"train pair {i} {side}: {len(ids)} tokens, {reply} reply tokens"
+                         + (f", margin {pair.margin:g}" if pair.margin else ""))
+            console.print(render_supervision(tokenizer, TokenizedExample(ids, labels)))
+    _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)),
+                 note="lengths count both sequences of each pair")
+
+
+def _inspect_classification(config: Config, tokenizer, num_examples: int, console: Console) -> None:
+    from tunelab.data.classification import prepare_classification_data
+
+    data = prepare_classification_data(config, tokenizer)
+    cc = config.classification
+    console.print(f"[bold]task[/] classification ({cc.problem_type})   [bold]labels[/] {data.labels.names}   "
+                  f"[bold]max_seq_len[/] {config.data.max_seq_len} (cut on the {cc.truncation_side})")
+    for i, example in enumerate(data.train[:num_examples]):
+        console.rule(f"train example {i}: {len(example.input_ids)} tokens, target {_target_names(example.target, data.labels)}")
+        console.print(Text(tokenizer.decode(example.input_ids)))
+    _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)))
+
+
+def _target_names(target, labels) -> str:
+    if labels.problem_type == "single_label":
+        return labels.names[int(target)]
+    if labels.problem_type == "multi_label":
+        return str([name for name, on in zip(labels.names, target) if on]) if target is not None else "none"
+    return str(target)
+
+
+def _inspect_prompts(config: Config, tokenizer, num_examples: int, console: Console) -> None:
+    from tunelab.rollout.prompts import load_prompts
+
+    rl = config.rl
+    console.print(f"[bold]task[/] {config.task}   [bold]max_prompt_len[/] {rl.max_prompt_len}   "
+                  f"[bold]max_new_tokens[/] {rl.max_new_tokens}   [bold]num_generations[/] {rl.num_generations}")
+    for name, source in (("train", config.data.train), ("held-out", config.data.validation)):
+        if source is None:
+            continue
+        prompts = load_prompts(source, config.data, tokenizer, rl.max_prompt_len)
+        for i, prompt in enumerate(prompts.prompts[:num_examples] if name == "train" else []):
+            console.rule(f"train prompt {i}: {len(prompt.input_ids)} tokens")
+            console.print(Text(tokenizer.decode(prompt.input_ids)))
+        table = Table(title=f"{name} prompts")
+        table.add_column("stat")
+        table.add_column("value")
+        for key, value in (("records", prompts.num_records), ("prompts kept", len(prompts.prompts)),
+                           ("dropped: longer than rl.max_prompt_len", prompts.num_too_long),
+                           ("dropped: duplicate prompt", prompts.num_duplicates)):
+            table.add_row(key, str(value))
+        console.print(table)
+        console.print(length_histogram(prompts.kept_lengths))
+
+
+def _print_stats(console: Console, named_stats, note: str = "") -> None:
+    for name, stats in named_stats:
         if stats.num_records == 0:
             continue
-        table = Table(title=f"{name} data")
+        table = Table(title=f"{name} data" + (f" ({note})" if note else ""))
         table.add_column("stat")
         table.add_column("value")
         for key, value in stats.summary().items():
@@ -39,10 +121,16 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
 
 
 def render_supervision(tokenizer, example: TokenizedExample) -> Text:
-    """The example's text with supervised tokens on a green background."""
-    text = Text()
-    for token_id, label in zip(example.input_ids, example.labels):
-        piece = tokenizer.decode([token_id])
+    """The example's text with supervised tokens on a green background.
+
+    Each token's text is what it adds to the decoded prefix, so tokenizers whose single-token
+    decode drops spacing (WordPiece ``##`` pieces, byte-level merges) still read as the text does.
+    """
+    text, previous = Text(), ""
+    for i, label in enumerate(example.labels):
+        decoded = tokenizer.decode(example.input_ids[: i + 1])
+        piece = decoded[len(previous):] if decoded.startswith(previous) else tokenizer.decode([example.input_ids[i]])
+        previous = decoded
         text.append(piece, style="black on green" if label != IGNORE_INDEX else "")
     return text
 

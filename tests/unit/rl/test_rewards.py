@@ -104,3 +104,9 @@ def test_example_rewards_file_loads():
                                 PythonReward(type="python", function="examples/rewards.py:says_answer_first")])
     _, per = compute_rewards(terms, inputs(["12", " ".join(["word"] * 40) + " 12"], ["12", "12"]))
     assert per["brevity"].tolist() == [1.0, 0.0] and per["says_answer_first"].tolist() == [1.0, 1.0]
+
+
+def test_correct_and_bare_gives_no_format_reward_to_wrong_numbers():
+    terms = build_reward_terms([PythonReward(type="python", function="examples/rewards.py:correct_and_bare")])
+    _, per = compute_rewards(terms, inputs(["12", " 12.", "7", "The answer is 12"], ["12", "12", "12", "12"]))
+    assert per["correct_and_bare"].tolist() == [1.0, 1.0, 0.0, 0.0]

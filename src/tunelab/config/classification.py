@@ -54,6 +54,12 @@ class ClassificationConfig(BaseModel):
         description="single_label: per-class loss weights ('balanced' = n / (K·n_k), as scikit-learn); "
         "multi_label: per-label positive weights ('balanced' = n_neg / n_pos). Not for regression.",
     )
+    head_init: Literal["random", "linear_probe"] = Field(
+        "random",
+        description="How the new head starts. 'linear_probe' (LP-FT, Kumar et al. 2022): one no-grad pass "
+        "over train, fit a scikit-learn linear model on the frozen features the head reads "
+        "(regularization by CV, class_weights applied), copy it into the head, then fine-tune.",
+    )
     truncation_side: Literal["right", "left"] = Field(
         "right", description="Texts longer than data.max_seq_len keep their start ('right') or end ('left')."
     )

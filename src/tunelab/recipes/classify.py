@@ -37,6 +37,7 @@ from tunelab.eval.report import per_class_table
 from tunelab.eval.classification import PER_CLASS, evaluate_classifier, plot_confusion_matrix, scalar_metrics
 from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
+from tunelab.models.linear_probe import init_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
@@ -82,6 +83,17 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                                    names=data.labels.names, threshold=cc.threshold, class_weights=weights,
                                    precision=tc.precision)
 
+    if cc.head_init == "linear_probe" and resume_from is None:
+        probe_started = time.perf_counter()
+        probe_batches = classification_batch_plan(data.train, batch_size=config.eval.batch_size, shuffle=False,
+                                                  seed=0, pad_token_id=tokenizer.pad_token_id).make_epoch(0)
+        probe = init_head_by_probe(model, head_modules, probe_batches, device, cc.problem_type,
+                                   data.labels.num_labels, weights, seed=tc.seed)
+        probe["seconds"] = round(time.perf_counter() - probe_started, 1)
+        console.print(f"[bold]linear probe[/] head initialized from frozen features: {probe}")
+    else:
+        probe = None
+
     before = evaluate_full() if eval_batches and config.eval.before_training and resume_from is None else None
     if before:
         console.print("[bold]before[/] " + _fmt(scalar_metrics(before)))
@@ -125,7 +137,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     results = {
         "label_space": {"problem_type": cc.problem_type, "names": data.labels.names, "threshold": cc.threshold},
         "train": data.train_stats.summary(), "held_out": data.validation_stats.summary() if data.validation else None,
-        "held_out_before": scalar_metrics(before) if before else None, "held_out_best": selector.best_metrics,
+        "linear_probe": probe, "held_out_before": scalar_metrics(before) if before else None,
+        "held_out_best": selector.best_metrics,
         "metric_for_best": cc.metric_for_best, "best_step": selector.best_step, "steps": steps,
         "stopped_early": steps < planned_steps, "fit_seconds": round(fit_seconds, 1),
         "train_seconds": round(time.perf_counter() - started, 1), "head_modules": head_modules,

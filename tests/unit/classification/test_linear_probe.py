@@ -1,0 +1,75 @@
+"""LP-FT head initialization: the probed head reproduces scikit-learn's fitted linear model."""
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.models.heads import sequence_logits
+from tunelab.models.linear_probe import _full_rows, fit_linear_probe, head_features, head_linear, init_head_by_probe
+from tests.unit.classification.helpers import tiny_classifier
+
+
+def batches(num_labels=3, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, 16):
+        ids = torch.randint(3, 120, (16, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[::3, 7:] = 0  # some padding
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": torch.arange(start, start + 16) % num_labels})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_probed_head_reproduces_the_fitted_model(kind):
+    from sklearn.linear_model import LogisticRegression
+
+    model = tiny_classifier(kind)
+    head = "classifier" if kind == "encoder" else "score"
+    plan = batches()
+    summary = init_head_by_probe(model, [head], plan, torch.device("cpu"), "single_label", 3, None)
+    features, targets = head_features(model, head_linear(model, [head]), plan, torch.device("cpu"))
+    assert summary["examples"] == 48 and features.shape == (48, 32)
+    # the same fit done by hand on std-scaled features, with the C cross-validation chose
+    scale = features.std(axis=0)
+    ref = LogisticRegression(C=summary["C"], fit_intercept=kind == "encoder", max_iter=3000).fit(features / scale, targets)
+    with torch.no_grad():
+        logits = torch.cat([sequence_logits(model, b) for b in plan]).double().numpy()
+    expected = ref.decision_function(features / scale)
+    np.testing.assert_allclose(logits, expected, atol=1e-3)
+    assert (logits.argmax(1) == ref.predict(features / scale)).all()
+
+
+def test_binary_fit_becomes_two_softmax_rows():
+    coef, bias = np.array([[2.0, -1.0]]), np.array([0.5])
+    full_coef, full_bias = _full_rows(coef, bias, np.array([0, 1]), 2)
+    x = np.array([0.3, 0.7])
+    logits = full_coef @ x + full_bias
+    p1 = np.exp(logits[1]) / np.exp(logits).sum()
+    assert p1 == pytest.approx(1 / (1 + np.exp(-(coef[0] @ x + bias[0]))))
+
+
+def test_class_weights_and_regression_and_multi_label_fit():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    y = (x[:, 0] > 0.8).astype(int)  # rare positive class
+    w_plain, _, _ = fit_linear_probe(x, y, "single_label", num_labels=2, class_weight=None, fit_intercept=True)
+    w_bal, b_bal, _ = fit_linear_probe(x, y, "single_label", num_labels=2,
+                                       class_weight=torch.tensor([0.6, 3.0]), fit_intercept=True)
+    recall = lambda w, b: ((x @ w.T + b).argmax(1)[y == 1] == 1).mean()
+    assert recall(w_bal, b_bal) >= recall(w_plain, np.zeros(2))
+    targets = x[:, :2] @ np.array([[1.5, 0.0], [0.0, -2.0]]) + 0.5
+    w, b, summary = fit_linear_probe(x, targets, "regression", num_labels=2, class_weight=None, fit_intercept=True)
+    assert summary["train_r2"] > 0.95 and w.shape == (2, 4) and b.shape == (2,)
+    multi = np.stack([(x[:, 0] > 0).astype(float), np.ones(60)], axis=1)  # second label always on
+    w, b, _ = fit_linear_probe(x, multi, "multi_label", num_labels=2, class_weight=None, fit_intercept=True)
+    assert (w[1] == 0).all() and b[1] > 0 and ((x @ w[0] + b[0] > 0) == (multi[:, 0] > 0)).mean() > 0.9
+
+
+def test_a_class_with_one_example_is_a_clear_error():
+    from tunelab.errors import ConfigError
+
+    x, y = np.random.default_rng(0).normal(size=(5, 3)), np.array([0, 0, 0, 0, 1])
+    with pytest.raises(ConfigError, match="linear_probe needs >= 2"):
+        fit_linear_probe(x, y, "single_label", num_labels=2, class_weight=None, fit_intercept=True)

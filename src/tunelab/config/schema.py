@@ -212,5 +212,3 @@ class Config(StrictModel):
         self.preference.check_against(self.task, self.train.method)
         if self.data.format != "auto":
             raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")
-        if self.task == "reward" and self.data.packing and "packing" in self.data.model_fields_set:
-            raise ValueError("task=reward reads one score per sequence from padded batches; set data.packing: false")

@@ -212,4 +212,38 @@ def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     Read at the last real token (decoders) or the pooled output (encoders) by
     :func:`tunelab.models.heads.sequence_logits`, so left, right or no padding give the same score.
     """
+    if "sequence_ids" in batch:
+        return packed_reward_scores(model, batch)
     return sequence_logits(model, batch)[:, 0]
+
+
+def packed_reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores (S,) float of the S sequences packed into a (R, T) batch, in ``sequence_ids`` order.
+
+    The decoder runs once over the packed rows with ``position_ids`` restarting per sequence and no
+    ``attention_mask`` (transformers then keeps every sequence's attention inside its own segment);
+    each sequence is scored at its last token, exactly where the padded path reads it, so packed and
+    padded scores agree to float rounding.
+
+    Args:
+        batch: ``input_ids``, ``position_ids`` and ``sequence_ids`` (R, T) int64; ``sequence_ids``
+            is -1 on padding and ``s`` on the tokens of sequence ``s`` (0..S-1).
+
+    Raises:
+        ValueError: the model is not a decoder ``*ForSequenceClassification`` (encoders cannot pack).
+    """
+    from tunelab.models.heads import is_decoder_classifier
+
+    if not is_decoder_classifier(model):
+        raise ValueError(f"{type(model).__name__}: packed reward batches need a decoder reward model "
+                         "(a 'score' head); set data.packing: false for encoders")
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).last_hidden_state
+    seq = batch["sequence_ids"]
+    num_sequences = int(seq.max()) + 1
+    flat_ids = seq.reshape(-1)
+    positions = torch.arange(flat_ids.numel(), device=seq.device)
+    last = torch.full((num_sequences,), -1, dtype=torch.long, device=seq.device)
+    real = flat_ids >= 0
+    last = last.scatter_reduce(0, flat_ids[real], positions[real], reduce="amax")
+    return model.score(hidden.reshape(-1, hidden.shape[-1])[last])[:, 0]

@@ -1,8 +1,9 @@
 """Reward model: a one-output sequence classifier trained on preference pairs (Bradley-Terry).
 
-pairs → ``[chosen; rejected]`` padded batch → ``AutoModelForSequenceClassification(num_labels=1)``
-→ score at the last real token (decoders) or the pooled output (encoders), padding-invariant
-(:func:`tunelab.models.heads.sequence_logits`) → ``-log sigma(r_w - r_l - m)``
+pairs → ``[chosen; rejected]`` padded batch, or (decoders, ``data.packing``) pairs packed into rows
+with restarting ``position_ids`` → ``AutoModelForSequenceClassification(num_labels=1)`` → score at the
+last real token (decoders) or the pooled output (encoders), padding- and packing-invariant
+(:func:`tunelab.models.heads.sequence_logits`, :func:`tunelab.models.logps.packed_reward_scores`) → ``-log sigma(r_w - r_l - m)``
 (Ouyang et al. 2022, arXiv:2203.02155, Eq. 1; margin: Llama 2, arXiv:2307.09288, Eq. 2).
 With LoRA the new head is trained in full and saved with the adapter (PEFT ``modules_to_save``).
 
@@ -27,7 +28,9 @@ from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
 from tunelab.data.preference import prepare_pairs, preference_batch_plan, preference_collate
 from tunelab.data.templates import resolve_chat_template
+from tunelab.errors import ConfigError
 from tunelab.losses.reward import bradley_terry_loss
+from tunelab.models.heads import is_decoder_classifier
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
@@ -83,8 +86,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {mc.name_or_path} + 1-output head {heads}: {trainable:,} trainable of "
                   f"{total:,} parameters ({tc.method}), device {device}")
+    packing = config.data.packing and is_decoder_classifier(model)
+    if config.data.packing and not packing and "packing" in config.data.model_fields_set:
+        raise ConfigError(f"data.packing: true needs a decoder reward model; {type(model).__name__} is an encoder "
+                          "(its pooled score cannot be read per packed segment): set data.packing: false")
     plan = preference_batch_plan(data.train, batch_size=tc.batch_size, max_seq_len=config.data.max_seq_len,
-                                 packing=False, shuffle=config.data.shuffle, seed=tc.seed,
+                                 packing=packing, shuffle=config.data.shuffle, seed=tc.seed,
                                  pad_token_id=tokenizer.pad_token_id)
     use_margin = pc.margin > 0 or pc.margin_field is not None
     result = fit(model, plan, lambda m, b, n: reward_loss(m, b, n, use_margin), lambda b: b["num_pairs"], tc,

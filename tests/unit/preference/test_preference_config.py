@@ -36,7 +36,6 @@ def test_reference_resolution():
     ({"task": "dpo", "preference": {"label_smoothing": 0.5}}, "preference.label_smoothing"),
     ({"task": "dpo", "preference": {"reference": "adapters_off"}, "train": {"method": "full"}}, "needs train.method=lora"),
     ({"task": "sft", "preference": {}}, "only by task=reward"),
-    ({"task": "reward", "data": {"train": {"path": "p.jsonl"}, "packing": True}}, "data.packing: false"),
     ({"task": "dpo", "data": {"train": {"path": "p.jsonl"}, "format": "alpaca"}}, "data.format"),
 ])
 def test_bad_preference_configs_name_the_key(extra, needle):

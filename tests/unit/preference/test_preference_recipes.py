@@ -157,3 +157,48 @@ def test_generate_rejected_writes_pairs_with_the_real_answer_as_chosen(tmp_path,
                                               "model reply to q0"]
     assert pairs[0]["prompt"] == "q0" and pairs[3]["prompt"][0]["role"] == "system"  # multi-turn stays a list
     assert "'skipped_equal': 1" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_reward_scores_equal_padded(smollm2_tokenizer, attn):
+    from transformers import LlamaForSequenceClassification
+
+    from tunelab.data.preference import PairTokenizer, preference_collate, preference_packed_collate
+    from tunelab.data.tokenize import DataStats
+    from tunelab.models.logps import reward_scores
+    from tunelab.recipes.reward import reward_loss
+    from tests.unit.classification.helpers import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_llama_config(vocab_size=len(smollm2_tokenizer), num_labels=1,
+                                                             pad_token_id=smollm2_tokenizer.pad_token_id))
+    model.config._attn_implementation = attn
+    model.eval()
+    encode = PairTokenizer(smollm2_tokenizer, 64)
+    pairs = [encode(p, DataStats(), index=i) for i, p in enumerate(PAIRS[:5])]
+    padded = preference_collate(pairs, smollm2_tokenizer.pad_token_id)
+    packed = preference_packed_collate([pairs[:2], pairs[2:]], smollm2_tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(reward_scores(model, packed), reward_scores(model, padded), atol=1e-5)
+        loss_packed, metrics_packed = reward_loss(model, packed, 5)
+        loss_padded, metrics_padded = reward_loss(model, padded, 5)
+    assert loss_packed == pytest.approx(loss_padded.item(), abs=1e-6)
+    assert set(metrics_packed) == set(metrics_padded)
+    for key in metrics_padded:
+        assert metrics_packed[key].item() == pytest.approx(metrics_padded[key].item(), abs=1e-5), key
+
+
+def test_packed_reward_model_trains_and_encoders_refuse_packing(tmp_path, tiny_model_dir):
+    from tunelab.errors import ConfigError
+    from tunelab.models.loading import load_tokenizer
+    from tunelab.recipes.reward import train
+    from tests.unit.classification.helpers import tiny_base_dir
+
+    results = train(make_config(tmp_path, tiny_model_dir, "reward", data={"packing": True}), console=QUIET)
+    assert results["steps"] == 2 and results["held_out_after"]["pairs"] == 3
+    encoder = tiny_base_dir("encoder", tmp_path / "enc", load_tokenizer("all-minilm-l6-v2"))
+    config = make_config(tmp_path, encoder, "reward", data={"packing": True})
+    config.output_dir = str(tmp_path / "enc-run")
+    with pytest.raises(ConfigError, match="needs a decoder reward model"):
+        train(config, console=QUIET)
+    assert not (tmp_path / "enc-run" / "tunelab.json").exists()

@@ -61,6 +61,12 @@ class PreferenceConfig(BaseModel):
     margin_field: str | None = Field(
         None, description="task=reward: a record field with a per-pair margin (overrides `margin` where present)."
     )
+    head_init: Literal["random", "linear_probe"] = Field(
+        "random",
+        description="task=reward: how the new score head starts. 'linear_probe' (LP-FT for reward models): "
+        "score each distinct training sequence once with the frozen model, fit a Bradley-Terry linear "
+        "probe (scikit-learn logistic regression on feature differences), copy it into the head.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +87,8 @@ class PreferenceConfig(BaseModel):
 
     def check_against(self, task: str, method: str) -> None:
         """Cross-field checks with the rest of the config; raises ValueError (pydantic reports the key)."""
+        if task != "reward" and self.head_init != "random":
+            raise ValueError("preference.head_init applies to task=reward (the reward model's new head)")
         if task == "dpo" and self.reference == "adapters_off" and method != "lora" and self.loss not in REFERENCE_FREE:
             raise ValueError(
                 "preference.reference=adapters_off needs train.method=lora (with full or freeze fine-tuning "

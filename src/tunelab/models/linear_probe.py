@@ -153,3 +153,65 @@ def init_head_by_probe(model: nn.Module, head_modules: Iterable[str], batches: I
         if bias is not None:
             linear.bias.copy_(torch.as_tensor(bias, dtype=linear.bias.dtype))
     return {**summary, "examples": int(features.shape[0]), "features": int(features.shape[1])}
+
+
+def fit_pairwise_probe(chosen: np.ndarray, rejected: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Bradley–Terry linear probe: w maximizing sum log sigma(w·(f_chosen − f_rejected)), L2-regularized.
+
+    This is logistic regression without intercept on the feature differences (each pair also
+    entered flipped with label 0, so the fit is symmetric); the regularization is picked by
+    cross-validated log-loss over pairs. A bias would cancel in every difference, so the head's
+    bias is irrelevant to the ranking.
+
+    Args:
+        chosen, rejected: (P, hidden) features of each pair's two sequences.
+
+    Returns:
+        weight (1, hidden) in the unscaled feature space and a summary (C, train pairwise accuracy).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    diff = chosen - rejected
+    scale = np.concatenate([chosen, rejected]).std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    x = np.concatenate([diff, -diff]) / scale
+    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
+    search = GridSearchCV(LogisticRegression(fit_intercept=False, max_iter=3000), {"C": list(PROBE_CS)},
+                          scoring="neg_log_loss", cv=KFold(min(5, len(diff)), shuffle=True, random_state=seed))
+    search.fit(x, y)
+    weight = search.best_estimator_.coef_ / scale[None, :]
+    accuracy = float((diff @ weight[0] > 0).mean())
+    return weight, {"C": float(search.best_estimator_.C), "train_pairwise_accuracy": accuracy}
+
+
+def init_reward_head_by_probe(model: nn.Module, head_modules: Iterable[str], sequences: list[list[int]],
+                              chosen_index: list[int], rejected_index: list[int], pad_token_id: int,
+                              device: torch.device, batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Set a 1-output reward head to the Bradley–Terry probe fitted on frozen features (LP-FT for RMs).
+
+    Args:
+        sequences: distinct token-id sequences (each scored once, however many pairs share it).
+        chosen_index, rejected_index: per pair, the position of its chosen / rejected sequence in
+            ``sequences``.
+
+    Returns:
+        the probe summary (C, train pairwise accuracy, counts, seconds are added by the caller).
+    """
+    linear = head_linear(model, head_modules)
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(chunk))})
+    features, _ = head_features(model, linear, batches, device)
+    weight, summary = fit_pairwise_probe(features[chosen_index], features[rejected_index], seed=seed)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.zero_()
+    return {**summary, "pairs": len(chosen_index), "sequences": len(sequences)}

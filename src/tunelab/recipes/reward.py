@@ -31,6 +31,7 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError
 from tunelab.losses.reward import bradley_terry_loss
 from tunelab.models.heads import is_decoder_classifier
+from tunelab.models.linear_probe import init_reward_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
@@ -77,6 +78,14 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     def evaluate() -> dict[str, float]:
         return evaluate_reward(model, eval_batches, device, tc.precision)
 
+    probe = None
+    if pc.head_init == "linear_probe" and resume_from is None:
+        probe_started = time.perf_counter()
+        probe = probe_reward_head(model, heads, data.train, tokenizer.pad_token_id, device, config.eval.batch_size,
+                                  tc.seed)
+        probe["seconds"] = round(time.perf_counter() - probe_started, 1)
+        console.print(f"[bold]linear probe[/] head initialized from frozen features: {probe}")
+
     before = evaluate() if eval_batches and config.eval.before_training and resume_from is None else None
     if before:
         console.print(f"[bold]before[/] held-out pairwise accuracy {_fmt_acc(before)}  margin {before['margin']:+.4f}")
@@ -100,7 +109,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     last = next((r for r in reversed(result.history) if "eval/accuracy" in r), None)
     after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} if last else None
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(),
-               "held_out_before": before, "held_out_after": after, "steps": result.state.step,
+               "linear_probe": probe, "held_out_before": before, "held_out_after": after, "steps": result.state.step,
                "train_seconds": round(time.perf_counter() - started, 1)}
     model.train(False)
     save_run(output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path, config_yaml=config_yaml,
@@ -108,6 +117,23 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)
     return results
+
+
+def probe_reward_head(model: nn.Module, heads: list[str], pairs: list, pad_token_id: int, device: torch.device,
+                      batch_size: int, seed: int) -> dict[str, Any]:
+    """Initialize the score head by a Bradley–Terry linear probe on the frozen model's features.
+
+    Each distinct sequence is scored once (built-in pair sets reuse each review in many pairs).
+    See :func:`tunelab.models.linear_probe.init_reward_head_by_probe`.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    chosen, rejected = [], []
+    for pair in pairs:
+        chosen.append(index.setdefault(tuple(pair.chosen_ids), len(index)))
+        rejected.append(index.setdefault(tuple(pair.rejected_ids), len(index)))
+    sequences = [list(seq) for seq in index]
+    return init_reward_head_by_probe(model, heads, sequences, chosen, rejected, pad_token_id, device,
+                                     batch_size=batch_size, seed=seed)
 
 
 def head_modules(model: nn.Module) -> list[str]:

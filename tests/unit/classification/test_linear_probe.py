@@ -73,3 +73,33 @@ def test_a_class_with_one_example_is_a_clear_error():
     x, y = np.random.default_rng(0).normal(size=(5, 3)), np.array([0, 0, 0, 0, 1])
     with pytest.raises(ConfigError, match="linear_probe needs >= 2"):
         fit_linear_probe(x, y, "single_label", num_labels=2, class_weight=None, fit_intercept=True)
+
+
+def test_pairwise_probe_learns_a_planted_preference_direction():
+    from tunelab.models.linear_probe import fit_pairwise_probe
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(80, 5)), rng.normal(size=(80, 5))
+    better_a = a[:, 2] > b[:, 2]  # the preferred sequence is the one with the larger feature 2
+    chosen, rejected = np.where(better_a[:, None], a, b), np.where(better_a[:, None], b, a)
+    weight, summary = fit_pairwise_probe(chosen * 10.0, rejected * 10.0)  # scale must not matter
+    assert weight.shape == (1, 5) and np.argmax(np.abs(weight[0])) == 2 and weight[0, 2] > 0
+    assert summary["train_pairwise_accuracy"] > 0.95
+
+
+def test_reward_head_probe_sets_scores_that_rank_training_pairs():
+    from tunelab.models.linear_probe import init_reward_head_by_probe
+    from tunelab.models.logps import reward_scores
+
+    model = tiny_classifier("decoder", num_labels=1)
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(3, 120, (int(n),), generator=g).tolist() for n in torch.randint(4, 12, (24,), generator=g)]
+    chosen, rejected = list(range(0, 24, 2)), list(range(1, 24, 2))
+    summary = init_reward_head_by_probe(model, ["score"], sequences, chosen, rejected, 0, torch.device("cpu"),
+                                        batch_size=5)
+    assert summary["pairs"] == 12 and summary["sequences"] == 24
+    with torch.no_grad():
+        scores = torch.cat([reward_scores(model, {"input_ids": torch.tensor([s]), "attention_mask": torch.ones(1, len(s))})
+                            for s in sequences])
+    accuracy = (scores[chosen] > scores[rejected]).float().mean().item()
+    assert accuracy == pytest.approx(summary["train_pairwise_accuracy"])

@@ -202,3 +202,22 @@ def test_packed_reward_model_trains_and_encoders_refuse_packing(tmp_path, tiny_m
     with pytest.raises(ConfigError, match="needs a decoder reward model"):
         train(config, console=QUIET)
     assert not (tmp_path / "enc-run" / "tunelab.json").exists()
+
+
+def test_reward_head_linear_probe_runs_before_training(tmp_path, tiny_model_dir):
+    from tunelab.recipes.reward import train
+
+    config = make_config(tmp_path, tiny_model_dir, "reward", preference={"head_init": "linear_probe"},
+                         eval={"before_training": True})
+    results = train(config, console=QUIET)
+    probe = results["linear_probe"]
+    assert probe["pairs"] == 7 and probe["sequences"] == 14 and 0.0 <= probe["train_pairwise_accuracy"] <= 1.0
+    assert results["held_out_before"]["margin"] != 0.0  # the head is no longer the random init near zero
+
+
+def test_head_init_is_refused_outside_reward():
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preference.head_init"):
+        validate_config({"task": "dpo", "model": {"name_or_path": "x"}, "data": {"train": {"path": "p.jsonl"}},
+                         "preference": {"head_init": "linear_probe"}})

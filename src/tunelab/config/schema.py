@@ -181,7 +181,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distributed: DistributedConfig = Field(
-        default_factory=DistributedConfig, description="Several processes (torchrun): ddp or fsdp, see docs/distributed.md."
+        default_factory=DistributedConfig, description="Several processes (torchrun): ddp or fsdp, see the README section on several GPUs."
     )
     classification: ClassificationConfig | None = Field(
         None, description="Fields, labels and head of task=classification (required there, only there)."

@@ -27,7 +27,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.models.heads import sequence_logits
 
-PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried by cross-validation (single_label)
+PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried by cross-validation
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)
 
 

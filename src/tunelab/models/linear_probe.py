@@ -155,34 +155,59 @@ def init_head_by_probe(model: nn.Module, head_modules: Iterable[str], batches: I
     return {**summary, "examples": int(features.shape[0]), "features": int(features.shape[1])}
 
 
-def fit_pairwise_probe(chosen: np.ndarray, rejected: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_pairwise_probe(chosen: np.ndarray, rejected: np.ndarray, chosen_seq: np.ndarray | None = None,
+                       rejected_seq: np.ndarray | None = None, seed: int = 0,
+                       folds: int = 5) -> tuple[np.ndarray, dict[str, Any]]:
     """Bradley–Terry linear probe: w maximizing sum log sigma(w·(f_chosen − f_rejected)), L2-regularized.
 
     This is logistic regression without intercept on the feature differences (each pair also
-    entered flipped with label 0, so the fit is symmetric); the regularization is picked by
-    cross-validated log-loss over pairs. A bias would cancel in every difference, so the head's
-    bias is irrelevant to the ranking.
+    entered flipped with label 0, so the fit is symmetric). A bias would cancel in every
+    difference, so the head's bias is irrelevant to the ranking. The regularization C is picked by
+    cross-validated held-out log-loss. When pairs share sequences (``chosen_seq``/``rejected_seq``
+    give each pair's sequence ids), folds are drawn over *sequences*: a fold validates on the pairs
+    whose two sequences both fall in it and trains on the pairs that touch no sequence in it, so a
+    probe cannot score well by memorizing sequences it also saw in training.
 
     Args:
         chosen, rejected: (P, hidden) features of each pair's two sequences.
+        chosen_seq, rejected_seq: (P,) int sequence ids, or None for independent pairs.
 
     Returns:
-        weight (1, hidden) in the unscaled feature space and a summary (C, train pairwise accuracy).
+        weight (1, hidden) in the unscaled feature space and a summary (C, CV log-loss, train
+        pairwise accuracy).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.metrics import log_loss
 
     diff = chosen - rejected
     scale = np.concatenate([chosen, rejected]).std(axis=0)
     scale[scale < 1e-8] = 1.0
-    x = np.concatenate([diff, -diff]) / scale
-    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
-    search = GridSearchCV(LogisticRegression(fit_intercept=False, max_iter=3000), {"C": list(PROBE_CS)},
-                          scoring="neg_log_loss", cv=KFold(min(5, len(diff)), shuffle=True, random_state=seed))
-    search.fit(x, y)
-    weight = search.best_estimator_.coef_ / scale[None, :]
+    x = diff / scale
+    rng = np.random.default_rng(seed)
+    if chosen_seq is None:
+        pair_fold = rng.permutation(len(x)) % folds
+        splits = [(pair_fold != k, pair_fold == k) for k in range(folds)]
+    else:
+        seq_fold = rng.permutation(int(max(chosen_seq.max(), rejected_seq.max())) + 1) % folds
+        fc, fr = seq_fold[chosen_seq], seq_fold[rejected_seq]
+        splits = [((fc != k) & (fr != k), (fc == k) & (fr == k)) for k in range(folds)]
+    splits = [(tr, va) for tr, va in splits if tr.sum() >= 2 and va.sum() >= 1]
+
+    def fit(c: float, rows: np.ndarray) -> LogisticRegression:
+        both = np.concatenate([x[rows], -x[rows]])
+        labels = np.concatenate([np.ones(rows.sum()), np.zeros(rows.sum())])
+        return LogisticRegression(C=c, fit_intercept=False, max_iter=3000).fit(both, labels)
+
+    cv_loss = {}
+    for c in PROBE_CS:
+        losses = [log_loss(np.ones(va.sum()), fit(c, tr).predict_proba(x[va])[:, 1], labels=[0, 1])
+                  for tr, va in splits]
+        cv_loss[c] = float(np.mean(losses)) if losses else float("nan")
+    best = min(PROBE_CS, key=lambda c: cv_loss[c] if not np.isnan(cv_loss[c]) else np.inf) if splits else 1.0
+    weight = fit(best, np.ones(len(x), dtype=bool)).coef_ / scale[None, :]
     accuracy = float((diff @ weight[0] > 0).mean())
-    return weight, {"C": float(search.best_estimator_.C), "train_pairwise_accuracy": accuracy}
+    return weight, {"C": float(best), "cv_log_loss": round(cv_loss.get(best, float("nan")), 4),
+                    "train_pairwise_accuracy": accuracy}
 
 
 def init_reward_head_by_probe(model: nn.Module, head_modules: Iterable[str], sequences: list[list[int]],
@@ -209,7 +234,9 @@ def init_reward_head_by_probe(model: nn.Module, head_modules: Iterable[str], seq
             ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(chunk))})
     features, _ = head_features(model, linear, batches, device)
-    weight, summary = fit_pairwise_probe(features[chosen_index], features[rejected_index], seed=seed)
+    chosen_seq, rejected_seq = np.asarray(chosen_index), np.asarray(rejected_index)
+    weight, summary = fit_pairwise_probe(features[chosen_seq], features[rejected_seq], chosen_seq, rejected_seq,
+                                         seed=seed)
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
         if linear.bias is not None:

@@ -103,3 +103,17 @@ def test_reward_head_probe_sets_scores_that_rank_training_pairs():
                             for s in sequences])
     accuracy = (scores[chosen] > scores[rejected]).float().mean().item()
     assert accuracy == pytest.approx(summary["train_pairwise_accuracy"])
+
+
+def test_pairwise_probe_cv_by_sequence_does_not_reward_memorizing():
+    """Pairs drawn among few sequences with random labels: per-pair CV would leak; by-sequence CV
+    sees no signal and picks the strongest regularization."""
+    from tunelab.models.linear_probe import PROBE_CS, fit_pairwise_probe
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 40))
+    a, b = rng.integers(0, 60, 600), rng.integers(0, 60, 600)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    _, summary = fit_pairwise_probe(features[a], features[b], a, b)
+    assert summary["C"] == min(PROBE_CS)

@@ -13,11 +13,14 @@ refused unless ``allow_pickle`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,19 +160,54 @@ def load_model(
             f"no .safetensors weights in {path} (found: {found}); set model.allow_pickle: true "
             "to load pickle .bin weights from a source you trust"
         )
+    new_head = "SequenceClassification" in getattr(auto_class, "__name__", "")
+    want_info = kwargs.pop("output_loading_info", False)
     try:
-        model = auto_class.from_pretrained(
-            path,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            use_safetensors=None if allow_pickle else True,
-            attn_implementation=attn_implementation,
-            dtype=dtype,
-            **kwargs,
-        )
+        with _quiet_load_report(new_head):
+            result = auto_class.from_pretrained(
+                path,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+                use_safetensors=None if allow_pickle else True,
+                attn_implementation=attn_implementation,
+                dtype=dtype,
+                output_loading_info=want_info or new_head,
+                **kwargs,
+            )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {err}") from err
-    return model
+    if not new_head:
+        return result
+    model, info = result
+    unexpected = [k for k in info.get("missing_keys", ()) if k.split(".")[0] not in NEW_HEAD_MODULES]
+    if unexpected:
+        warnings.warn(f"{name_or_path}: weights missing from the checkpoint, newly initialized: "
+                      f"{sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)
+    return (model, info) if want_info else model
+
+
+# A sequence-classification head is new when loading a base model; its "missing" weights are expected.
+NEW_HEAD_MODULES = frozenset({"score", "classifier", "pre_classifier"})
+
+
+@contextlib.contextmanager
+def _quiet_load_report(quiet: bool):
+    """Drop transformers' load report while a classifier head is created (tunelab names the head
+    itself and warns about any *other* missing weight). A filter, not a higher logger level:
+    transformers 5 runs an extra tensor-parallel check, with its own warnings, when that level is raised."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    if quiet:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def _sha256(path: Path) -> str:

@@ -117,3 +117,38 @@ def test_pairwise_probe_cv_by_sequence_does_not_reward_memorizing():
     a, b = a[keep], b[keep]
     _, summary = fit_pairwise_probe(features[a], features[b], a, b)
     assert summary["C"] == min(PROBE_CS)
+
+
+def test_loading_a_base_as_classifier_has_no_transformers_load_report(tmp_path):
+    """The new head's 'missing' weights are expected: transformers' report is dropped, nothing else is."""
+    import logging
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.loading import load_model, load_tokenizer
+    from tests.unit.classification.helpers import tiny_base_dir
+
+    class Keep(logging.Handler):
+        records = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    base = tiny_base_dir("encoder", tmp_path / "enc", load_tokenizer("all-minilm-l6-v2"))
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    handler = Keep()
+    transformers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = load_model(str(base), AutoModelForSequenceClassification, num_labels=3,
+                                     output_loading_info=True)
+        AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=3)  # control: transformers reports
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
+    reports = [m for m in handler.records if "LOAD REPORT" in m]
+    assert len(reports) == 1  # only the control load's
+    assert not [w for w in caught if "newly initialized" in str(w.message)]
+    assert logging.getLogger("transformers.modeling_utils").filters == []

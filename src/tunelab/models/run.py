@@ -71,7 +71,12 @@ def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tupl
     info = read_run_info(run_dir)
     tokenizer = load_tokenizer(str(run_dir))
     if info["method"] == "lora":
-        model = load_model(info.get("base_model_path") or info["base_model"], auto_class, **kwargs)
+        # The recorded local path (e.g. a GGUF conversion cache) may not exist on this machine; the
+        # base model's original reference (an alias or hub id) is resolved here instead.
+        base = info.get("base_model_path")
+        if not base or (Path(base).is_absolute() and not Path(base).exists()):
+            base = info["base_model"]
+        model = load_model(base, auto_class, **kwargs)
         load_adapter(model, run_dir)
     else:
         model = load_model(str(run_dir), auto_class, **kwargs)

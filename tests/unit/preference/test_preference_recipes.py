@@ -221,3 +221,23 @@ def test_head_init_is_refused_outside_reward():
     with pytest.raises(ConfigError, match="preference.head_init"):
         validate_config({"task": "dpo", "model": {"name_or_path": "x"}, "data": {"train": {"path": "p.jsonl"}},
                          "preference": {"head_init": "linear_probe"}})
+
+
+def test_a_run_moved_to_a_machine_without_the_recorded_base_path_still_loads(tmp_path, tiny_model_dir):
+    """tunelab.json records the resolved base path (e.g. a GGUF conversion cache); when that path is
+    missing on another machine, load_run resolves the original reference (alias, hub id, directory)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.run import load_run
+    from tunelab.recipes.reward import train
+
+    train(make_config(tmp_path, tiny_model_dir, "reward", train={"max_steps": 1}), console=QUIET)
+    info_path = tmp_path / "run" / "tunelab.json"
+    info = json.loads(info_path.read_text())
+    expected, _, _ = load_run(tmp_path / "run", AutoModelForSequenceClassification, num_labels=1)
+    info["base_model_path"] = "/home/someone-else/.cache/tunelab/gguf/gone"
+    info_path.write_text(json.dumps(info))
+    moved, _, _ = load_run(tmp_path / "run", AutoModelForSequenceClassification, num_labels=1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(moved(input_ids=ids).logits, expected(input_ids=ids).logits)

@@ -73,7 +73,7 @@ def tunelab_result(run_dir: str) -> dict[str, Any]:
     info = json.loads((Path(run_dir) / "tunelab.json").read_text())
     res = info["results"]
     metrics = evaluate_run(Path(run_dir), DATA, split="test", batch_size=32)
-    return {"name": f"tunelab {info['base_model']} ({info['method']})", "run": run_dir,
+    return {"name": f"tunelab {info['base_model']} ({info['method']}), `{run_dir}`", "run": run_dir,
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_seconds": res["fit_seconds"],
             "per_class_f1": {k: round(v["f1"], 4) for k, v in metrics["per_class"].items()},
             "confusion_matrix": metrics["confusion_matrix"],

@@ -65,6 +65,28 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     raise ModelLoadError(f"{run_dir} is not a tunelab run, a PEFT adapter or a model directory")
 
 
+def saved_head_outputs(run_dir: Path) -> int:
+    """Outputs of the classification head saved with a LoRA adapter (its ``modules_to_save``).
+
+    The base model alone does not know them (transformers would build its default 2-label head),
+    so they are read from the adapter file: the smallest first dimension among the saved head's 2-D
+    weights (the output layer, also for two-layer heads such as RoBERTa's ``dense`` + ``out_proj``).
+
+    Raises:
+        ModelLoadError: the adapter saves no head weights.
+    """
+    from safetensors import safe_open
+
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    heads = tuple(f"base_model.model.{m}." for m in config.get("modules_to_save") or [])
+    with safe_open(str(run_dir / "adapter_model.safetensors"), framework="pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys()
+                if k.startswith(heads) and k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2]
+    if not rows:
+        raise ModelLoadError(f"{run_dir}: a SEQ_CLS adapter without saved head weights (modules_to_save)")
+    return min(rows)
+
+
 def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Model (base + adapter, or full weights), tokenizer and run info of a finished run."""
     run_dir = Path(run_dir)
@@ -76,6 +98,8 @@ def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tupl
         base = info.get("base_model_path")
         if not base or (Path(base).is_absolute() and not Path(base).exists()):
             base = info["base_model"]
+        if info.get("task_type") == "SEQ_CLS" and "num_labels" not in kwargs:
+            kwargs["num_labels"] = saved_head_outputs(run_dir)
         model = load_model(base, auto_class, **kwargs)
         load_adapter(model, run_dir)
     else:

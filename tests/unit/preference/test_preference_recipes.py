@@ -241,3 +241,20 @@ def test_a_run_moved_to_a_machine_without_the_recorded_base_path_still_loads(tmp
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(moved(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_a_lora_reward_model_loads_with_its_one_output_head_without_being_told(tmp_path, tiny_model_dir):
+    """The PPO reward term loads the run without num_labels; the base alone would get 2 outputs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.config.rl import RewardModelReward
+    from tunelab.models.run import load_run
+    from tunelab.recipes.reward import train
+    from tunelab.rollout.rewards import build_reward_terms
+
+    train(make_config(tmp_path, tiny_model_dir, "reward", train={"max_steps": 1}), console=QUIET)
+    model, _, _ = load_run(tmp_path / "run", AutoModelForSequenceClassification)
+    assert model.score.out_features == 1
+    terms = build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "run"))],
+                               torch.device("cpu"))
+    assert len(terms) == 1

@@ -59,9 +59,16 @@ def chat(
 
     from tunelab.adapters.lora import merge_lora
     from tunelab.models.generate import generate_replies
-    from tunelab.models.run import load_run
+    from tunelab.models.run import load_run, read_run_info
 
+    info = read_run_info(run_dir)
+    if info.get("task_type") == "SEQ_CLS":
+        raise TunelabError(f"{run_dir} is a classification or reward-model run, not a chat model: use "
+                           f"`tunelab predict {run_dir} --data FILE --out OUT` or `tunelab score {run_dir} --data FILE`")
     model, tokenizer, _ = load_run(run_dir)
+    if not tokenizer.chat_template:
+        raise TunelabError(f"{run_dir}: its tokenizer has no chat template, so there is no way to render a "
+                           "conversation; chat needs a model trained with one (set model.chat_template when training)")
     merge_lora(model)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history = [{"role": "system", "content": system}] if system else []
@@ -85,13 +92,16 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
+    from transformers import AutoModelForSequenceClassification
+
     from tunelab.adapters.lora import merge_lora
-    from tunelab.models.run import load_run
+    from tunelab.models.run import load_run, read_run_info
     from tunelab.training.checkpoint import atomic_dir, commit_dir
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunelabError(f"{out} is not empty; pass --overwrite to replace it")
-    model, tokenizer, info = load_run(run_dir)
+    classifier = read_run_info(run_dir).get("task_type") == "SEQ_CLS"
+    model, tokenizer, info = load_run(run_dir, AutoModelForSequenceClassification if classifier else None)
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)

@@ -81,6 +81,7 @@ def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_si
     chosen, rejected = score_batches(model, batches, torch.device("cpu"))
     summary = pairwise_summary(chosen, rejected)
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for example, c, r in zip(kept, chosen.tolist(), rejected.tolist()):
                 f.write(json.dumps({"prompt": example["prompt"], "chosen_score": c, "rejected_score": r}) + "\n")

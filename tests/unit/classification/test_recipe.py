@@ -93,6 +93,27 @@ def test_decoder_lora_with_head_learns_and_reloads(tmp_path, decoder_dir):
     held = evaluate_run(tmp_path / "run", str(data))
     assert held["accuracy"] >= results["held_out_best"]["accuracy"] - 0.35  # reloaded model is the trained one
 
+    # `tunelab merge` gives a plain transformers classifier with the same logits; `tunelab chat` refuses
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from tunelab.cli.app import app
+    from tunelab.models.heads import sequence_logits
+    from tunelab.models.run import load_run
+
+    merged_dir = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--out", str(merged_dir)])
+    assert result.exit_code == 0, result.output
+    ours, _, _ = load_run(tmp_path / "run", AutoModelForSequenceClassification)
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(sequence_logits(merged, batch), sequence_logits(ours, batch), atol=1e-5)
+    result = CliRunner().invoke(app, ["chat", str(tmp_path / "run"), "--prompt", "hi"])
+    from tunelab.errors import TunelabError  # the console script turns it into a one-line message, exit 2
+
+    assert isinstance(result.exception, TunelabError) and "not a chat model" in str(result.exception)
+
 
 def train_loss_curve(tmp_path, model_dir, rows, **classification):
     data = write_jsonl(tmp_path / "train.jsonl", rows)

@@ -62,3 +62,24 @@ def test_existing_run_is_not_clobbered(tmp_path):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     assert_user_error(tunelab("train", str(config(tmp_path, data)), cwd=tmp_path), "already holds a run")
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").is_file()
+
+
+def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
+    """--overwrite with bad input must fail before anything of the old run is deleted."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    result = tunelab("train", str(config(tmp_path, tmp_path / "missing.jsonl")), "--overwrite", cwd=tmp_path)
+    assert_user_error(result, "missing.jsonl")
+    assert (ckpt / "state.json").is_file()
+
+
+def test_clear_checkpoints_removes_checkpoints_and_half_written_leftovers(tmp_path):
+    from tunelab.training.checkpoint import clear_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-000002", "step-000004", ".tmp-step-000006-abc"):
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text("{}")
+    assert clear_checkpoints(tmp_path) == 2
+    assert list(root.iterdir()) == []

@@ -25,6 +25,10 @@ def seed_everything(seed: int, threads: int | None) -> None:
 def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: bool) -> Path | None:
     """Refuse to clobber an existing run; return the checkpoint to resume from, if any.
 
+    With ``overwrite`` nothing is deleted here: the replaced run's checkpoints are removed by
+    :func:`tunelab.training.loop.fit` just before the first step, after data and model loading
+    succeeded, so an ``--overwrite`` that fails on bad input leaves the old run resumable.
+
     Raises:
         TunelabError: the directory already holds a run and neither resume nor overwrite was
             asked for, or resume was asked for and there is no checkpoint.
@@ -44,11 +48,6 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
             f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another output_dir"
         )
-    if overwrite:
-        for ckpt in existing:
-            import shutil
-
-            shutil.rmtree(ckpt)
     return None
 
 

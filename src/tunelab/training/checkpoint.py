@@ -152,6 +152,19 @@ def _write_run_files(directory: Path, scheduler, state: TrainState, config_yaml:
     (directory / "config.yaml").write_text(config_yaml)
 
 
+def clear_checkpoints(output_dir: Path) -> int:
+    """Remove every checkpoint (and half-written ``.tmp-``/``.old-`` leftovers of killed writes) under
+    ``output_dir/checkpoints``; returns how many checkpoints were removed. Used when a fresh run
+    replaces an old one (``--overwrite``)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return 0
+    old = list_checkpoints(output_dir)
+    for path in old + [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))]:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(old)
+
+
 def _prune(output_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -32,7 +32,7 @@ from torch import nn
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunelab.training.checkpoint import TrainState, clear_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
@@ -99,8 +99,11 @@ def fit(
     state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
         state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
-    elif runtime.world_size > 1:
-        torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
+    else:
+        if runtime.is_main:
+            clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
+        if runtime.world_size > 1:
+            torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
         if runtime.is_main else None
     batches = _BatchStream(plan)

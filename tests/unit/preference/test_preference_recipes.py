@@ -258,3 +258,13 @@ def test_a_lora_reward_model_loads_with_its_one_output_head_without_being_told(t
     terms = build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "run"))],
                                torch.device("cpu"))
     assert len(terms) == 1
+
+
+def test_overwrite_replaces_the_old_runs_checkpoints_once_training_starts(tmp_path, tiny_model_dir):
+    from tunelab.recipes.reward import train
+    from tunelab.training.checkpoint import list_checkpoints
+
+    train(make_config(tmp_path, tiny_model_dir, "reward", train={"max_steps": 3}), console=QUIET)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]
+    train(make_config(tmp_path, tiny_model_dir, "reward", train={"max_steps": 2}), overwrite=True, console=QUIET)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]

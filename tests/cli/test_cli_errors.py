@@ -83,3 +83,11 @@ def test_clear_checkpoints_removes_checkpoints_and_half_written_leftovers(tmp_pa
         (root / name / "state.json").write_text("{}")
     assert clear_checkpoints(tmp_path) == 2
     assert list(root.iterdir()) == []
+
+
+def test_a_missing_local_model_path_is_named_not_sent_to_the_hub(tmp_path):
+    from tunelab.errors import ModelLoadError
+    from tunelab.models.loading import resolve_model_path
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "no-such-model"))

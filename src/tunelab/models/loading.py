@@ -54,7 +54,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn an alias or ``.gguf`` path into a local HF directory; pass other references through.
 
     Raises:
-        ModelLoadError: alias whose package is not installed, or a missing ``.gguf`` file.
+        ModelLoadError: alias whose package is not installed, a missing ``.gguf`` file, or a missing
+            local path (one starting with ``/``, ``./``, ``../`` or ``~``: never sent to the hub).
     """
     if name_or_path in ALIASES:
         alias = ALIASES[name_or_path]
@@ -67,6 +68,9 @@ def resolve_model_path(name_or_path: str) -> str:
         name_or_path = str(Path(spec.submodule_search_locations[0]) / alias.relpath)
     if name_or_path.endswith(".gguf"):
         return str(convert_gguf(Path(name_or_path)))
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"model path {name_or_path} does not exist (a local path, so the hub is not asked); "
+                             f"built-in aliases: {sorted(ALIASES)}")
     return name_or_path
 
 

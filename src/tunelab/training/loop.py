@@ -99,6 +99,12 @@ def fit(
     state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
         state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
+        if state.step >= num_steps:
+            raise TunelabError(
+                f"--resume: {resume_from} is at step {state.step} and this config plans {num_steps} steps, so "
+                "the run is finished and nothing was changed; raise train.max_steps or train.epochs to train "
+                "further, or use --overwrite to start again"
+            )
     else:
         if runtime.is_main:
             clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup

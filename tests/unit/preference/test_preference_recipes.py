@@ -268,3 +268,16 @@ def test_overwrite_replaces_the_old_runs_checkpoints_once_training_starts(tmp_pa
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]
     train(make_config(tmp_path, tiny_model_dir, "reward", train={"max_steps": 2}), overwrite=True, console=QUIET)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_why(tmp_path, tiny_model_dir):
+    from tunelab.errors import TunelabError
+    from tunelab.recipes.reward import train
+
+    config = make_config(tmp_path, tiny_model_dir, "reward")
+    train(config, console=QUIET)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(TunelabError, match="the run is finished"):
+        train(config, resume=True, console=QUIET)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert after == before

@@ -91,3 +91,15 @@ def test_a_missing_local_model_path_is_named_not_sent_to_the_hub(tmp_path):
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_path(str(tmp_path / "no-such-model"))
+
+
+def test_validation_identical_to_train_is_refused():
+    from tunelab.config.load import validate_config
+    from tunelab.errors import ConfigError
+
+    raw = {"model": {"name_or_path": "x"}, "data": {"train": {"path": "builtin:chatterbot", "name": "ai"},
+                                                    "validation": {"path": "builtin:chatterbot", "name": "ai"}}}
+    with pytest.raises(ConfigError, match="data.validation.split"):
+        validate_config(raw)
+    raw["data"]["validation"]["split"] = "validation"
+    assert validate_config(raw).data.validation.split == "validation"

@@ -98,6 +98,17 @@ class DataConfig(StrictModel):
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
 
+    @model_validator(mode="after")
+    def _held_out_is_not_train(self) -> DataConfig:
+        v, t = self.validation, self.train
+        if v is not None and (v.path, v.name, v.split) == (t.path, t.name, t.split):
+            raise ValueError(
+                f"data.validation reads the same data as data.train ({t.path}, name={t.name}, split={t.split}): "
+                "held-out metrics would be measured on training data; set data.validation.split (e.g. "
+                "validation or test) or use data.val_fraction"
+            )
+        return self
+
 
 class LoraConfig(StrictModel):
     """LoRA adapter settings (Hu et al. 2021, arXiv:2106.09685)."""

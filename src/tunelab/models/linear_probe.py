@@ -47,25 +47,31 @@ def head_linear(model: nn.Module, head_modules: Iterable[str]) -> nn.Linear:
 
 @torch.no_grad()
 def head_features(model: nn.Module, linear: nn.Linear, batches: Iterable[dict[str, Any]],
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs of ``linear`` and the targets, over all ``batches``, with the model in eval mode.
+                  device: torch.device) -> np.ndarray:
+    """Inputs of ``linear`` over all ``batches`` (in order), with the model in eval mode.
 
     Returns:
-        features (N, hidden) float64 and targets (N,) int (single_label) or (N, K) float.
+        features (N, hidden) float64, one row per sequence.
     """
     captured: list[torch.Tensor] = []
     hook = linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
     was_training = model.training
     model.train(False)
-    targets = []
     try:
         for batch in batches:
             sequence_logits(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-            targets.append(batch["labels"])
     finally:
         hook.remove()
         model.train(was_training)
-    return torch.cat(captured).double().numpy(), torch.cat(targets).numpy()
+    return torch.cat(captured).double().numpy()
+
+
+def _unit_scale(features: np.ndarray) -> np.ndarray:
+    """Per-feature standard deviation (1 where a feature is constant): the probe fits ``x / scale``
+    and the weights are divided by it afterwards, so they apply to the raw features."""
+    scale = features.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    return scale
 
 
 def fit_linear_probe(features: np.ndarray, targets: np.ndarray, problem_type: str, *, num_labels: int,
@@ -84,8 +90,7 @@ def fit_linear_probe(features: np.ndarray, targets: np.ndarray, problem_type: st
     from sklearn.linear_model import LogisticRegression, RidgeCV
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    scale = features.std(axis=0)
-    scale[scale < 1e-8] = 1.0
+    scale = _unit_scale(features)
     x = features / scale
     if problem_type == "single_label":
         present, counts = np.unique(targets, return_counts=True)
@@ -144,7 +149,9 @@ def init_head_by_probe(model: nn.Module, head_modules: Iterable[str], batches: I
     Without a bias in the head, absent classes cannot get a low bias; their row stays zero.
     """
     linear = head_linear(model, head_modules)
-    features, targets = head_features(model, linear, batches, device)
+    batches = list(batches)
+    features = head_features(model, linear, batches, device)
+    targets = torch.cat([b["labels"] for b in batches]).numpy()
     weight, bias, summary = fit_linear_probe(features, targets, problem_type, num_labels=num_labels,
                                              class_weight=class_weight, fit_intercept=linear.bias is not None,
                                              seed=seed)
@@ -177,68 +184,60 @@ def fit_pairwise_probe(chosen: np.ndarray, rejected: np.ndarray, chosen_seq: np.
         pairwise accuracy).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
+    from sklearn.model_selection import GridSearchCV
 
     diff = chosen - rejected
-    scale = np.concatenate([chosen, rejected]).std(axis=0)
-    scale[scale < 1e-8] = 1.0
-    x = diff / scale
+    scale = _unit_scale(np.concatenate([chosen, rejected]))
+    x = np.concatenate([diff, -diff]) / scale  # each pair in both orientations: label 1, then label 0
+    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
     rng = np.random.default_rng(seed)
     if chosen_seq is None:
-        pair_fold = rng.permutation(len(x)) % folds
-        splits = [(pair_fold != k, pair_fold == k) for k in range(folds)]
+        pair_fold = rng.permutation(len(diff)) % folds
+        masks = [(pair_fold != k, pair_fold == k) for k in range(folds)]
     else:
         seq_fold = rng.permutation(int(max(chosen_seq.max(), rejected_seq.max())) + 1) % folds
         fc, fr = seq_fold[chosen_seq], seq_fold[rejected_seq]
-        splits = [((fc != k) & (fr != k), (fc == k) & (fr == k)) for k in range(folds)]
-    splits = [(tr, va) for tr, va in splits if tr.sum() >= 2 and va.sum() >= 1]
+        masks = [((fc != k) & (fr != k), (fc == k) & (fr == k)) for k in range(folds)]
 
-    def fit(c: float, rows: np.ndarray) -> LogisticRegression:
-        both = np.concatenate([x[rows], -x[rows]])
-        labels = np.concatenate([np.ones(rows.sum()), np.zeros(rows.sum())])
-        return LogisticRegression(C=c, fit_intercept=False, max_iter=3000).fit(both, labels)
+    def rows(mask: np.ndarray) -> np.ndarray:  # the pairs of ``mask``, in both orientations
+        return np.flatnonzero(np.concatenate([mask, mask]))
 
-    cv_loss = {}
-    for c in PROBE_CS:
-        losses = [log_loss(np.ones(va.sum()), fit(c, tr).predict_proba(x[va])[:, 1], labels=[0, 1])
-                  for tr, va in splits]
-        cv_loss[c] = float(np.mean(losses)) if losses else float("nan")
-    best = min(PROBE_CS, key=lambda c: cv_loss[c] if not np.isnan(cv_loss[c]) else np.inf) if splits else 1.0
-    weight = fit(best, np.ones(len(x), dtype=bool)).coef_ / scale[None, :]
+    splits = [(rows(tr), rows(va)) for tr, va in masks if tr.sum() >= 2 and va.sum() >= 1]
+    model = LogisticRegression(fit_intercept=False, max_iter=3000)
+    if splits:
+        search = GridSearchCV(model, {"C": list(PROBE_CS)}, scoring="neg_log_loss", cv=splits).fit(x, y)
+        model, cv_log_loss = search.best_estimator_, round(float(-search.best_score_), 4)
+    else:  # too few pairs to validate on: a fixed, moderate regularization
+        model, cv_log_loss = model.set_params(C=1.0).fit(x, y), float("nan")
+    weight = model.coef_ / scale[None, :]
     accuracy = float((diff @ weight[0] > 0).mean())
-    return weight, {"C": float(best), "cv_log_loss": round(cv_loss.get(best, float("nan")), 4),
-                    "train_pairwise_accuracy": accuracy}
+    return weight, {"C": float(model.C), "cv_log_loss": cv_log_loss, "train_pairwise_accuracy": accuracy}
 
 
-def init_reward_head_by_probe(model: nn.Module, head_modules: Iterable[str], sequences: list[list[int]],
-                              chosen_index: list[int], rejected_index: list[int], pad_token_id: int,
-                              device: torch.device, batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+def init_reward_head_by_probe(model: nn.Module, head_modules: Iterable[str],
+                              pairs: list[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device,
+                              batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
     """Set a 1-output reward head to the Bradley–Terry probe fitted on frozen features (LP-FT for RMs).
 
     Args:
-        sequences: distinct token-id sequences (each scored once, however many pairs share it).
-        chosen_index, rejected_index: per pair, the position of its chosen / rejected sequence in
-            ``sequences``.
+        pairs: ``(chosen_ids, rejected_ids)`` per pair. Each distinct sequence is scored once,
+            however many pairs share it (built-in pair sets reuse every review in many pairs).
 
     Returns:
-        the probe summary (C, train pairwise accuracy, counts, seconds are added by the caller).
+        the probe summary (C, CV log-loss, train pairwise accuracy, pair and sequence counts).
     """
+    from tunelab.data.collate import pad_collate
+
+    index: dict[tuple[int, ...], int] = {}
+    seq_ids = np.array([[index.setdefault(tuple(ids), len(index)) for ids in pair] for pair in pairs])
+    sequences = [(list(ids), list(ids)) for ids in index]  # (input_ids, labels) for pad_collate; labels unused
     linear = head_linear(model, head_modules)
-    batches = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(chunk))})
-    features, _ = head_features(model, linear, batches, device)
-    chosen_seq, rejected_seq = np.asarray(chosen_index), np.asarray(rejected_index)
-    weight, summary = fit_pairwise_probe(features[chosen_seq], features[rejected_seq], chosen_seq, rejected_seq,
-                                         seed=seed)
+    batches = [pad_collate(sequences[i:i + batch_size], pad_token_id) for i in range(0, len(sequences), batch_size)]
+    features = head_features(model, linear, batches, device)
+    weight, summary = fit_pairwise_probe(features[seq_ids[:, 0]], features[seq_ids[:, 1]], seq_ids[:, 0],
+                                         seq_ids[:, 1], seed=seed)
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
         if linear.bias is not None:
             linear.bias.zero_()
-    return {**summary, "pairs": len(chosen_index), "sequences": len(sequences)}
+    return {**summary, "pairs": len(pairs), "sequences": len(sequences)}

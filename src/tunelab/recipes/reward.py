@@ -81,8 +81,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     probe = None
     if pc.head_init == "linear_probe" and resume_from is None:
         probe_started = time.perf_counter()
-        probe = probe_reward_head(model, heads, data.train, tokenizer.pad_token_id, device, config.eval.batch_size,
-                                  tc.seed)
+        probe = init_reward_head_by_probe(model, heads, [(p.chosen_ids, p.rejected_ids) for p in data.train],
+                                          tokenizer.pad_token_id, device, config.eval.batch_size, tc.seed)
         probe["seconds"] = round(time.perf_counter() - probe_started, 1)
         console.print(f"[bold]linear probe[/] head initialized from frozen features: {probe}")
 
@@ -117,23 +117,6 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)
     return results
-
-
-def probe_reward_head(model: nn.Module, heads: list[str], pairs: list, pad_token_id: int, device: torch.device,
-                      batch_size: int, seed: int) -> dict[str, Any]:
-    """Initialize the score head by a Bradley–Terry linear probe on the frozen model's features.
-
-    Each distinct sequence is scored once (built-in pair sets reuse each review in many pairs).
-    See :func:`tunelab.models.linear_probe.init_reward_head_by_probe`.
-    """
-    index: dict[tuple[int, ...], int] = {}
-    chosen, rejected = [], []
-    for pair in pairs:
-        chosen.append(index.setdefault(tuple(pair.chosen_ids), len(index)))
-        rejected.append(index.setdefault(tuple(pair.rejected_ids), len(index)))
-    sequences = [list(seq) for seq in index]
-    return init_reward_head_by_probe(model, heads, sequences, chosen, rejected, pad_token_id, device,
-                                     batch_size=batch_size, seed=seed)
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -29,7 +29,8 @@ def test_probed_head_reproduces_the_fitted_model(kind):
     head = "classifier" if kind == "encoder" else "score"
     plan = batches()
     summary = init_head_by_probe(model, [head], plan, torch.device("cpu"), "single_label", 3, None)
-    features, targets = head_features(model, head_linear(model, [head]), plan, torch.device("cpu"))
+    features = head_features(model, head_linear(model, [head]), plan, torch.device("cpu"))
+    targets = torch.cat([b["labels"] for b in plan]).numpy()
     assert summary["examples"] == 48 and features.shape == (48, 32)
     # the same fit done by hand on std-scaled features, with the C cross-validation chose
     scale = features.std(axis=0)
@@ -95,8 +96,8 @@ def test_reward_head_probe_sets_scores_that_rank_training_pairs():
     g = torch.Generator().manual_seed(1)
     sequences = [torch.randint(3, 120, (int(n),), generator=g).tolist() for n in torch.randint(4, 12, (24,), generator=g)]
     chosen, rejected = list(range(0, 24, 2)), list(range(1, 24, 2))
-    summary = init_reward_head_by_probe(model, ["score"], sequences, chosen, rejected, 0, torch.device("cpu"),
-                                        batch_size=5)
+    pairs = [(sequences[c], sequences[r]) for c, r in zip(chosen, rejected)]
+    summary = init_reward_head_by_probe(model, ["score"], pairs, 0, torch.device("cpu"), batch_size=5)
     assert summary["pairs"] == 12 and summary["sequences"] == 24
     with torch.no_grad():
         scores = torch.cat([reward_scores(model, {"input_ids": torch.tensor([s]), "attention_mask": torch.ones(1, len(s))})
@@ -106,17 +107,20 @@ def test_reward_head_probe_sets_scores_that_rank_training_pairs():
 
 
 def test_pairwise_probe_cv_by_sequence_does_not_reward_memorizing():
-    """Pairs drawn among few sequences with random labels: per-pair CV would leak; by-sequence CV
-    sees no signal and picks the strongest regularization."""
+    """Each of 30 sequences has a hidden score that its features do not predict, but 40 random
+    features can memorize it. Per-pair folds validate on sequences seen in training and reward that
+    memorization (weak regularization); folds over sequences see no signal and regularize most."""
     from tunelab.models.linear_probe import PROBE_CS, fit_pairwise_probe
 
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(60, 40))
-    a, b = rng.integers(0, 60, 600), rng.integers(0, 60, 600)
-    keep = a != b
-    a, b = a[keep], b[keep]
-    _, summary = fit_pairwise_probe(features[a], features[b], a, b)
-    assert summary["C"] == min(PROBE_CS)
+    features, hidden = rng.normal(size=(30, 40)), rng.normal(size=30)
+    a, b = np.triu_indices(30, k=1)
+    chosen = np.where(hidden[a] > hidden[b], a, b)
+    rejected = np.where(hidden[a] > hidden[b], b, a)
+    _, per_pair = fit_pairwise_probe(features[chosen], features[rejected])
+    _, by_sequence = fit_pairwise_probe(features[chosen], features[rejected], chosen, rejected)
+    assert by_sequence["C"] == min(PROBE_CS)
+    assert per_pair["C"] > min(PROBE_CS) and per_pair["cv_log_loss"] < by_sequence["cv_log_loss"]
 
 
 def test_loading_a_base_as_classifier_has_no_transformers_load_report(tmp_path):

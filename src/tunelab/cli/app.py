@@ -92,16 +92,13 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
-    from transformers import AutoModelForSequenceClassification
-
     from tunelab.adapters.lora import merge_lora
-    from tunelab.models.run import load_run, read_run_info
+    from tunelab.models.run import load_run
     from tunelab.training.checkpoint import atomic_dir, commit_dir
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunelabError(f"{out} is not empty; pass --overwrite to replace it")
-    classifier = read_run_info(run_dir).get("task_type") == "SEQ_CLS"
-    model, tokenizer, info = load_run(run_dir, AutoModelForSequenceClassification if classifier else None)
+    model, tokenizer, info = load_run(run_dir)  # a classifier run loads as a classifier
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)

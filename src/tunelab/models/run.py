@@ -88,9 +88,17 @@ def saved_head_outputs(run_dir: Path) -> int:
 
 
 def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Model (base + adapter, or full weights), tokenizer and run info of a finished run."""
+    """Model (base + adapter, or full weights), tokenizer and run info of a finished run.
+
+    Without ``auto_class`` the run's own ``task_type`` picks it: ``SEQ_CLS`` (classifiers, reward
+    models) loads ``AutoModelForSequenceClassification``, anything else a causal LM.
+    """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
+    if auto_class is None and info.get("task_type") == "SEQ_CLS":
+        from transformers import AutoModelForSequenceClassification
+
+        auto_class = AutoModelForSequenceClassification
     tokenizer = load_tokenizer(str(run_dir))
     if info["method"] == "lora":
         # The recorded local path (e.g. a GGUF conversion cache) may not exist on this machine; the

@@ -96,14 +96,10 @@ def _inspect_prompts(config: Config, tokenizer, num_examples: int, console: Cons
         for i, prompt in enumerate(prompts.prompts[:num_examples] if name == "train" else []):
             console.rule(f"train prompt {i}: {len(prompt.input_ids)} tokens")
             console.print(Text(tokenizer.decode(prompt.input_ids)))
-        table = Table(title=f"{name} prompts")
-        table.add_column("stat")
-        table.add_column("value")
-        for key, value in (("records", prompts.num_records), ("prompts kept", len(prompts.prompts)),
-                           ("dropped: longer than rl.max_prompt_len", prompts.num_too_long),
-                           ("dropped: duplicate prompt", prompts.num_duplicates)):
-            table.add_row(key, str(value))
-        console.print(table)
+        console.print(_stats_table(f"{name} prompts", {
+            "records": prompts.num_records, "prompts kept": len(prompts.prompts),
+            "dropped: longer than rl.max_prompt_len": prompts.num_too_long,
+            "dropped: duplicate prompt": prompts.num_duplicates}))
         console.print(length_histogram(prompts.kept_lengths))
 
 
@@ -111,13 +107,17 @@ def _print_stats(console: Console, named_stats, note: str = "") -> None:
     for name, stats in named_stats:
         if stats.num_records == 0:
             continue
-        table = Table(title=f"{name} data" + (f" ({note})" if note else ""))
-        table.add_column("stat")
-        table.add_column("value")
-        for key, value in stats.summary().items():
-            table.add_row(key, str(value))
-        console.print(table)
+        console.print(_stats_table(f"{name} data" + (f" ({note})" if note else ""), stats.summary()))
         console.print(length_histogram(stats.lengths))
+
+
+def _stats_table(title: str, stats: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("stat")
+    table.add_column("value")
+    for key, value in stats.items():
+        table.add_row(key, str(value))
+    return table
 
 
 def render_supervision(tokenizer, example: TokenizedExample) -> Text:

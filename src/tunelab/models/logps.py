@@ -227,7 +227,8 @@ def packed_reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
 
     Args:
         batch: ``input_ids``, ``position_ids`` and ``sequence_ids`` (R, T) int64; ``sequence_ids``
-            is -1 on padding and ``s`` on the tokens of sequence ``s`` (0..S-1).
+            is -1 on padding and ``s`` on the tokens of sequence ``s`` (0..S-1, S = 2 × pairs);
+            ``pair_index`` (pairs,) gives S without reading device memory.
 
     Raises:
         ValueError: the model is not a decoder ``*ForSequenceClassification`` (encoders cannot pack).
@@ -239,11 +240,11 @@ def packed_reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
                          "(a 'score' head); set data.packing: false for encoders")
     hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                  use_cache=False).last_hidden_state
-    seq = batch["sequence_ids"]
-    num_sequences = int(seq.max()) + 1
-    flat_ids = seq.reshape(-1)
-    positions = torch.arange(flat_ids.numel(), device=seq.device)
-    last = torch.full((num_sequences,), -1, dtype=torch.long, device=seq.device)
-    real = flat_ids >= 0
-    last = last.scatter_reduce(0, flat_ids[real], positions[real], reduce="amax")
+    # Last token of each sequence without a host sync: padding (-1) goes to a spare slot S that is dropped.
+    num_sequences = 2 * batch["pair_index"].numel()
+    flat_ids = batch["sequence_ids"].reshape(-1)
+    slots = torch.where(flat_ids >= 0, flat_ids, num_sequences)
+    positions = torch.arange(flat_ids.numel(), device=flat_ids.device)
+    last = torch.zeros(num_sequences + 1, dtype=torch.long, device=flat_ids.device)
+    last = last.scatter_reduce(0, slots, positions, reduce="amax")[:num_sequences]
     return model.score(hidden.reshape(-1, hidden.shape[-1])[last])[:, 0]

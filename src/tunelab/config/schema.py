@@ -35,8 +35,11 @@ class ModelConfig(StrictModel):
     allow_pickle: bool = Field(
         False, description="Allow loading pickle (.bin) weights; by default only safetensors load."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel. 'sdpa_varlen' = tunelab's exact per-example causal attention for packed rows "
+        "(no dense block-diagonal mask; falls back to sdpa for padded input and generation). 'auto' = sdpa_varlen "
+        "without CUDA, sdpa with CUDA. Other values go to transformers as is.",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",

@@ -10,7 +10,7 @@ from tunelab.training.loop import Batch, BatchPlan
 
 def sft_batch_plan(
     examples: list[TokenizedExample], *, batch_size: int, max_seq_len: int, packing: bool, shuffle: bool,
-    seed: int, pad_token_id: int,
+    seed: int, pad_token_id: int, flatten_rows: bool = False,
 ) -> BatchPlan:
     """Micro-batches for causal-LM training.
 
@@ -19,6 +19,12 @@ def sft_batch_plan(
     ``batch_size`` examples are right-padded together. Epoch ``e`` is shuffled with seed
     ``seed + e`` (packed: the order of rows and of examples within a row; the rows themselves are
     fixed by length), so the plan is reproducible for resume.
+
+    ``flatten_rows`` (packing only) concatenates a micro-batch's rows into one row of up to
+    ``batch_size × max_seq_len`` tokens: no padding between rows and larger matrix multiplies. Only
+    for an attention that reads example boundaries from ``position_ids`` without a dense mask
+    (``sdpa_varlen``, ``flash_attention_2``); with a dense mask the attention cost would grow with
+    the square of the whole row.
     """
     pairs = [(e.input_ids, e.labels) for e in examples]
     num_micro, groups = epoch_index_groups([len(ids) for ids, _ in pairs], capacity=max_seq_len,
@@ -28,6 +34,8 @@ def sft_batch_plan(
         batches = []
         for g in groups(epoch):
             rows = [[pairs[i] for i in row] for row in g]
+            if packing and flatten_rows:
+                rows = [[example for row in rows for example in row]]
             batch = packed_collate(rows, pad_token_id) if packing else pad_collate([r[0] for r in rows], pad_token_id)
             batches.append(_finish(batch, sum(len(ids) for row in rows for ids, _ in row)))
         return batches

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import ModelLoadError
+from tunelab.models.attention import resolve_attn_implementation
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     revision: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     dtype: torch.dtype = torch.float32,
     **kwargs: Any,
 ) -> Any:
@@ -145,6 +146,9 @@ def load_model(
         name_or_path: alias, local directory, ``.gguf`` file or hub id.
         auto_class: a transformers ``AutoModelFor*`` class.
         allow_pickle: allow ``.bin`` (pickle) weights; otherwise only safetensors are read.
+        attn_implementation: a transformers attention name, ``sdpa_varlen`` (tunelab's per-example
+            attention for packed rows, :mod:`tunelab.models.attention`) or ``auto`` (``sdpa_varlen``
+            without CUDA, ``sdpa`` with it).
         dtype: parameter dtype (fp32 for training on CPU; keep fp32 master weights).
         kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
@@ -173,7 +177,7 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 revision=revision,
                 use_safetensors=None if allow_pickle else True,
-                attn_implementation=attn_implementation,
+                attn_implementation=resolve_attn_implementation(attn_implementation),
                 dtype=dtype,
                 output_loading_info=want_info or new_head,
                 **kwargs,

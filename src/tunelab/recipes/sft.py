@@ -21,6 +21,7 @@ from tunelab.data.pipeline import prepare_data
 from tunelab.data.templates import resolve_chat_template
 from tunelab.eval.report import print_side_by_side
 from tunelab.eval.perplexity import evaluate_lm
+from tunelab.models.attention import VARLEN_ATTENTION
 from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
@@ -60,9 +61,11 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                        attn_implementation=config.model.attn_implementation,
                        dtype=weights_dtype(config, device)).to(device)
     tc = config.train
+    flatten_rows = model.config._attn_implementation in VARLEN_ATTENTION  # one row per micro-batch, no padding
     eval_batches = sft_batch_plan(data.validation, batch_size=config.eval.batch_size,
                                   max_seq_len=config.data.max_seq_len, packing=config.data.packing, shuffle=False,
-                                  seed=0, pad_token_id=tokenizer.pad_token_id).make_epoch(0) if data.validation else []
+                                  seed=0, pad_token_id=tokenizer.pad_token_id,
+                                  flatten_rows=flatten_rows).make_epoch(0) if data.validation else []
 
     def evaluate() -> dict[str, float]:
         return evaluate_lm(model, eval_batches, device, precision=tc.precision, chunked=tc.chunked_ce,
@@ -80,7 +83,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                   f"({tc.method}), device {device}")
     plan = sft_batch_plan(data.train, batch_size=tc.batch_size, max_seq_len=config.data.max_seq_len,
                           packing=config.data.packing, shuffle=config.data.shuffle, seed=tc.seed,
-                          pad_token_id=tokenizer.pad_token_id)
+                          pad_token_id=tokenizer.pad_token_id, flatten_rows=flatten_rows)
     result = fit(
         model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size),
         lambda b: b["num_supervised"], tc, output_dir, config_yaml,

@@ -168,7 +168,7 @@ def common_kwargs(args, model_dir, data_path) -> dict:
             "lr": args.lr, "seed": args.seed, "threads": args.threads, "max_len": args.max_len}
 
 
-def run_tunelab_side(args, model_dir, data_path, peers: list[dict]) -> dict:
+def run_tunelab_side(args, model_dir, data_path, peers: list[dict], precision: str = "fp32") -> dict:
     """Run ``bench.tunelab_side.run_tunelab`` in a subprocess; tokens_per_step = mean real tokens/step of the
     reference peer (best correct peer, else first successful one), so both process the same token volume."""
     ref = best_peer(peers) or next((p for p in peers if "error" not in p), None)
@@ -176,7 +176,7 @@ def run_tunelab_side(args, model_dir, data_path, peers: list[dict]) -> dict:
         return {"kind": "tunelab", "setting": "tunelab", "error": "no successful peer run to size tokens_per_step"}
     tokens_per_step = round(sum(ref["real_tokens_per_step"]) / len(ref["real_tokens_per_step"]))
     result = run_in_subprocess("tunelab", timeout_s=args.timeout_s, tokens_per_step=tokens_per_step,
-                               batch_example_ids=ref.get("batch_example_ids"),
+                               batch_example_ids=ref.get("batch_example_ids"), precision=precision,
                                **common_kwargs(args, model_dir, data_path))
     result.setdefault("kind", "tunelab")
     result.setdefault("setting", "tunelab")
@@ -192,6 +192,8 @@ def parse_args(argv=None):
     ap.add_argument("target", choices=["cpu"], help="only 'cpu' for now (fp32, no GPU)")
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps per run (step 1 = warm-up)")
     ap.add_argument("--skip-tunelab", action="store_true")
+    ap.add_argument("--tunelab-precisions", default="fp32",
+                    help="tunelab runs, comma-separated: fp32 (the CPU default) and/or bf16 (bf16 frozen base + autocast)")
     ap.add_argument("--data", default=str(REPO_ROOT / "bench" / "out" / "sharegpt512.jsonl"))
     ap.add_argument("--num", type=int, default=512, help="conversations in the data file")
     ap.add_argument("--max-len", type=int, default=512, help="max chat-template tokens per conversation")
@@ -231,9 +233,11 @@ def main(argv=None) -> int:
     elif not side_available("tunelab"):
         print("[compare] bench/tunelab_side.py not found: peer rows only", file=sys.stderr)
     else:
-        print("\n[compare] tunelab ...", file=sys.stderr, flush=True)
-        wait_for_idle(args.wait_idle)
-        results.append(run_tunelab_side(args, model_dir, data_path, results))
+        peers = list(results)
+        for precision in args.tunelab_precisions.split(","):
+            print(f"\n[compare] tunelab {precision} ...", file=sys.stderr, flush=True)
+            wait_for_idle(args.wait_idle)
+            results.append(run_tunelab_side(args, model_dir, data_path, peers, precision))
     print("\n" + head + "\n\n" + table(results) + "\n\n" + notes(results))
     if args.json_out:
         pathlib.Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

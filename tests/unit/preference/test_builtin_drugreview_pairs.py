@@ -38,5 +38,17 @@ def test_disjoint_pairs_are_independent_and_splits_share_no_review():
 def test_unknown_split_or_subset():
     with pytest.raises(DataError, match="splits"):
         load_builtin("drugreview-pairs", None, "validation")
-    with pytest.raises(DataError, match="subsets"):
+    with pytest.raises(DataError, match="satisfaction-all"):
         load_builtin("drugreview-pairs", "some", "train")
+
+
+def test_satisfaction_pairs_put_the_satisfied_patient_first():
+    for split, expected in (("train", (128, 3252)), ("test", (69, 1198))):  # counts in the module docstring
+        disjoint = load_builtin("drugreview-pairs", "satisfaction", split)
+        every = load_builtin("drugreview-pairs", "satisfaction-all", split)
+        assert (len(disjoint), len(every)) == expected
+        for records in (disjoint, every):
+            assert all(r["chosen_rating"] == "positive" and r["rejected_rating"] == "negative" for r in records)
+            assert all(r["condition"] in r["prompt"] for r in records)
+        texts = Counter(t for r in disjoint for t in (r["chosen"], r["rejected"]))
+        assert max(texts.values()) == 1

@@ -37,17 +37,21 @@ class RLSession:
 def open_session(config: Config, device: torch.device, console: Console) -> RLSession:
     """Load tokenizer, prompts (over-long ones dropped and counted), the policy and the reward terms.
 
-    Held-out prompts are ``data.validation`` if set, else a seeded ``data.val_fraction`` of train
-    (removed from train); at most ``rl.eval_prompts`` of them are scored.
+    Held-out prompts are ``data.validation`` if set (minus any prompt that is also a training prompt,
+    so held-out means never trained on), else a seeded ``data.val_fraction`` of train (removed from
+    train); at most ``rl.eval_prompts`` of them are scored.
     """
     mc, rl = config.model, config.rl
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
     resolve_chat_template(tokenizer, mc.chat_template)
     train = load_prompts(config.data.train, config.data, tokenizer, rl.max_prompt_len, config.data.max_examples)
     held_too_long = 0
+    held_in_train = 0
     if config.data.validation is not None:
         held = load_prompts(config.data.validation, config.data, tokenizer, rl.max_prompt_len)
-        held_out, held_too_long = held.prompts, held.num_too_long
+        train_ids = {tuple(p.input_ids) for p in train.prompts}
+        held_out = [p for p in held.prompts if tuple(p.input_ids) not in train_ids]
+        held_too_long, held_in_train = held.num_too_long, len(held.prompts) - len(held_out)
     elif config.data.val_fraction > 0:
         order = list(range(len(train.prompts)))
         random.Random(config.train.seed).shuffle(order)
@@ -58,7 +62,7 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
         held_out = []
     console.print(f"[bold]prompts[/] train {len(train.prompts)} (dropped {train.num_too_long} longer than "
                   f"{rl.max_prompt_len} tokens, {train.num_duplicates} duplicates), held-out {len(held_out)} "
-                  f"(dropped {held_too_long})")
+                  f"(dropped {held_too_long} too long, {held_in_train} also in train)")
     model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
                        revision=mc.revision, attn_implementation=mc.attn_implementation).to(device)
     model.eval()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tunelab.config.load import validate_config
 from tests.conftest import make_tiny_llama
@@ -93,3 +94,19 @@ def test_reward_model_run_dir_missing_is_a_clear_error(tmp_path):
 
     with pytest.raises(RewardError, match="run directory not found: .*nope.*task: reward"):
         build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "nope"))])
+
+
+def test_held_out_prompts_that_are_also_training_prompts_are_dropped(tmp_path, tiny_model_dir):
+    """A validation file sharing a prompt with train: that prompt is not "held out" (never trained on)."""
+    from rich.console import Console
+
+    from tunelab.data.builtin import load_builtin
+    from tunelab.rollout.session import open_session
+
+    train = load_builtin("arithmetic", "add", "train")[:40]
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps(train[3]) + "\n" + json.dumps({"prompt": "What is 2 plus 2?", "answer": "4"}) + "\n")
+    config = _config(tmp_path, tiny_model_dir, "grpo", [{"type": "exact_match"}])
+    config.data.validation = type(config.data.train)(path=str(held))
+    session = open_session(config, torch.device("cpu"), Console(quiet=True))
+    assert [p.text for p in session.held_out] == ["What is 2 plus 2?"]

@@ -49,10 +49,11 @@ class ClassificationConfig(BaseModel):
         "if all are integers). With explicit names, an int label in the data is read as an id.",
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multi_label: sigmoid probability that counts as on.")
-    class_weights: Literal["none", "balanced"] | list[float] = Field(
+    class_weights: Literal["none", "balanced", "sqrt_balanced"] | list[float] = Field(
         "none",
         description="single_label: per-class loss weights ('balanced' = n / (K·n_k), as scikit-learn); "
-        "multi_label: per-label positive weights ('balanced' = n_neg / n_pos). Not for regression.",
+        "multi_label: per-label positive weights ('balanced' = n_neg / n_pos). 'sqrt_balanced' = the square "
+        "root of 'balanced' (halfway, on a log scale, between no weights and balanced). Not for regression.",
     )
     head_init: Literal["random", "linear_probe"] = Field(
         "random",

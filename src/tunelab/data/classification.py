@@ -251,6 +251,8 @@ def class_weight_vector(spec: str | list[float], examples: list[ClassificationEx
 
     single_label 'balanced': ``n / (K · n_k)`` (scikit-learn's rule; a class absent from train
     gets weight 0). multi_label 'balanced': ``n_neg_k / n_pos_k``, the positive weight of label k.
+    'sqrt_balanced': the element-wise square root of 'balanced' (a milder correction that trades less
+    majority-class accuracy for minority-class recall).
 
     Raises:
         DataError: an explicit list whose length is not K.
@@ -265,9 +267,11 @@ def class_weight_vector(spec: str | list[float], examples: list[ClassificationEx
     n = len(examples)
     if labels.problem_type == "multi_label":
         pos = torch.tensor([e.target for e in examples], dtype=torch.float32).sum(0)
-        return torch.where(pos > 0, (n - pos) / pos.clamp(min=1), torch.zeros_like(pos))
-    counts = torch.bincount(torch.tensor([e.target for e in examples]), minlength=labels.num_labels).float()
-    return torch.where(counts > 0, n / (labels.num_labels * counts.clamp(min=1)), torch.zeros_like(counts))
+        weights = torch.where(pos > 0, (n - pos) / pos.clamp(min=1), torch.zeros_like(pos))
+    else:
+        counts = torch.bincount(torch.tensor([e.target for e in examples]), minlength=labels.num_labels).float()
+        weights = torch.where(counts > 0, n / (labels.num_labels * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.sqrt() if spec == "sqrt_balanced" else weights
 
 
 def collate_classification(examples: list[ClassificationExample], pad_token_id: int,

@@ -114,6 +114,7 @@ def test_balanced_class_weights_follow_scikit_learn():
     assert torch.allclose(ours, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
     assert torch.allclose(ours, torch.tensor(compute_class_weight("balanced", classes=np.arange(3), y=np.array(ids))).float())
     assert class_weight_vector("none", exs, labels) is None
+    assert torch.allclose(class_weight_vector("sqrt_balanced", exs, labels), ours.sqrt())
     with pytest.raises(DataError, match="2 entries"):
         class_weight_vector([1.0, 2.0], exs, labels)
     ml = [ClassificationExample([1], None, t) for t in ([1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0])]

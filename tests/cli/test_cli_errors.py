@@ -42,9 +42,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def test_record_missing_fields_names_record_and_fields(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    data.write_text('{"instruction": "a", "output": "b", "system": "s"}\n{"instruction": "c"}\n')
     result = tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path)
-    assert_user_error(result, "record #2", "output")
+    assert_user_error(result, "d.jsonl record #2", "output", "record has ['instruction']")
 
 
 def test_empty_after_filtering_says_why(tmp_path):

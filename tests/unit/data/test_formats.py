@@ -43,6 +43,31 @@ def test_missing_field_names_record_and_expected_fields():
     assert "record #7" in str(err.value) and "'output'" in str(err.value) and "instruction" in str(err.value)
 
 
+def test_missing_field_lists_only_the_fields_that_record_has(tmp_path):
+    """datasets merges every record's keys into one schema; the error must not name other records' fields."""
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.pipeline import load_canonical
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "input": "x", "output": "b", "system": "s"}) + "\n"
+                    + json.dumps({"instruction": "c", "note": "n"}) + "\n")
+    assert load_records(DataSource(path=str(path)))[1] == {"instruction": "c", "note": "n"}
+    cfg = DataConfig(train=DataSource(path=str(path)))
+    with pytest.raises(DataError) as err:
+        load_canonical(cfg.train, cfg)
+    message = str(err.value)
+    assert f"{path} record #2" in message and "missing 'output'" in message
+    assert "record has ['instruction', 'note']" in message and "system" not in message
+
+
+def test_columnar_sources_list_only_fields_with_a_value(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,completion,extra\na,b,\nc,,\n")
+    records = load_records(DataSource(path=str(path)))
+    with pytest.raises(DataError, match=r"record #2: .*missing 'completion' \(record has \['prompt'\]\)"):
+        to_example(records[1], "prompt_completion", {}, f"{path} record #2")
+
+
 def test_bad_role_is_named():
     with pytest.raises(DataError, match="turn 1 has role 'robot'"):
         to_example({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},

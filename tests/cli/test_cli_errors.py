@@ -40,6 +40,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     assert_user_error(tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path), "d.jsonl:2")
 
 
+def test_empty_data_file_says_it_has_no_records(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    assert_user_error(tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path),
+                      f"{data}: the file has no records")
+
+
 def test_record_missing_fields_names_record_and_fields(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b", "system": "s"}\n{"instruction": "c"}\n')

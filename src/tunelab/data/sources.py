@@ -8,6 +8,7 @@ columnar, their records carry every column, with None where a record has no valu
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,20 @@ from tunelab.config.schema import DataSource
 from tunelab.errors import DataError
 
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+EXPECTED_LAYOUT = {  # what a file of each type must hold, for error messages
+    ".jsonl": "expected one JSON object per line",
+    ".json": "expected a JSON array of objects, or one JSON object per line",
+    ".csv": "expected a header line naming the columns, then one line per record",
+    ".parquet": "expected at least one row",
+}
 
 
 def load_records(source: DataSource) -> list[dict[str, Any]]:
     """All records of one data source as plain dicts, in file order.
 
     Raises:
-        DataError: missing file, unsupported extension, a malformed JSON line (naming the file and
-            line number), or a hub dataset that cannot be loaded.
+        DataError: missing file, unsupported extension, an empty file, malformed JSON or CSV
+            (naming the file and line number), or a hub dataset that cannot be loaded.
     """
     if source.path.startswith("builtin:"):
         from tunelab.data.builtin import load_builtin
@@ -45,15 +52,73 @@ def present_fields(record: dict[str, Any]) -> list[str]:
 
 
 def _load_local(path: Path) -> list[dict[str, Any]]:
+    """Records of a local file; an empty file (no records) is an error naming the file."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {list(LOCAL_SUFFIXES)}")
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    if path.suffix == ".json":
-        return read_json(path)
-    return _load_columnar(path, path.suffix.removeprefix("."))
+    try:
+        if path.suffix == ".jsonl":
+            records = read_jsonl(path)
+        elif path.suffix == ".json":
+            records = read_json(path)
+        elif path.suffix == ".csv":
+            records = _read_csv(path)
+        else:
+            records = _read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not records:
+        raise DataError(f"{path}: the file has no records; {EXPECTED_LAYOUT[path.suffix]}")
+    return records
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Records of a CSV file (through ``datasets``, which types numbers), after :func:`check_csv`."""
+    if check_csv(path) == 0:
+        return []
+    return _load_columnar(path, "csv")
+
+
+def check_csv(path: Path) -> int:
+    """Check every row has as many fields as the header; returns the number of data rows.
+
+    Blank lines are skipped, as the reader does.
+
+    Raises:
+        DataError: the first row whose field count differs from the header's, naming file and line.
+    """
+    header: list[str] | None = None
+    num_rows = 0
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if header is None:
+                    header, header_line = row, reader.line_num
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: malformed CSV: {len(row)} field(s) where the header (line "
+                        f"{header_line}) has {len(header)} {header}; quote values that contain commas, and "
+                        "close every quote"
+                    )
+                num_rows += 1
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    return num_rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    return _load_columnar(path, "parquet") if num_rows else []
 
 
 def _load_columnar(path: Path, builder: str) -> list[dict[str, Any]]:
@@ -62,8 +127,15 @@ def _load_columnar(path: Path, builder: str) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in several exception types
-        raise DataError(f"{path}: cannot read as {builder}: {err}") from None
+        raise DataError(f"{path}: cannot read as {builder}: {_root_cause(err)}") from None
     return ds.to_list()
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's message (datasets wraps parser errors as 'An error occurred ...')."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"
 
 
 def _load_hub(source: DataSource) -> list[dict[str, Any]]:
@@ -107,17 +179,21 @@ def read_json(path: Path) -> list[dict[str, Any]]:
             object, or an array element that is not an object.
     """
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines in a .json file
             return read_jsonl(path)
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}); "
+                        f"{EXPECTED_LAYOUT['.json']}") from None
     if isinstance(data, dict):
         return [data]
     if not isinstance(data, list):
-        raise DataError(f"{path}: holds a JSON {type(data).__name__}; expected an array of objects or JSON lines")
+        raise DataError(f"{path}: holds a single JSON {type(data).__name__} ({json.dumps(data)[:40]}); "
+                        f"{EXPECTED_LAYOUT['.json']}")
     for i, item in enumerate(data, start=1):
         if not isinstance(item, dict):
-            raise DataError(f"{path}: array element #{i} is a {type(item).__name__}; expected a JSON object")
+            raise DataError(f"{path}: array element #{i} is not a JSON object: {json.dumps(item)[:40]}")
     return data

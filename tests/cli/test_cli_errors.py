@@ -71,6 +71,16 @@ def test_existing_run_is_not_clobbered(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").is_file()
 
 
+def test_a_directory_of_user_files_is_not_written_into(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "README.md").write_text("my notes")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    result = tunelab("train", str(config(tmp_path, data)), "--overwrite", cwd=tmp_path)
+    assert_user_error(result, f"output_dir {tmp_path / 'run'} is not empty and is not a tunelab run", "README.md")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["README.md"]
+
+
 def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
     """--overwrite with bad input must fail before anything of the old run is deleted."""
     ckpt = tmp_path / "run" / "checkpoints" / "step-000001"

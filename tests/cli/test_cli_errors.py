@@ -40,11 +40,18 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     assert_user_error(tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path), "d.jsonl:2")
 
 
+def test_empty_data_file_says_it_has_no_records(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    assert_user_error(tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path),
+                      f"{data}: the file has no records")
+
+
 def test_record_missing_fields_names_record_and_fields(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    data.write_text('{"instruction": "a", "output": "b", "system": "s"}\n{"instruction": "c"}\n')
     result = tunelab("data", "inspect", str(config(tmp_path, data)), cwd=tmp_path)
-    assert_user_error(result, "record #2", "output")
+    assert_user_error(result, "d.jsonl record #2", "output", "record has ['instruction']")
 
 
 def test_empty_after_filtering_says_why(tmp_path):
@@ -62,6 +69,16 @@ def test_existing_run_is_not_clobbered(tmp_path):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     assert_user_error(tunelab("train", str(config(tmp_path, data)), cwd=tmp_path), "already holds a run")
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").is_file()
+
+
+def test_a_directory_of_user_files_is_not_written_into(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "README.md").write_text("my notes")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    result = tunelab("train", str(config(tmp_path, data)), "--overwrite", cwd=tmp_path)
+    assert_user_error(result, f"output_dir {tmp_path / 'run'} is not empty and is not a tunelab run", "README.md")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["README.md"]
 
 
 def test_a_failed_overwrite_keeps_the_old_run(tmp_path):

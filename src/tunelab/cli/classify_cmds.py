@@ -15,12 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.errors import TunelabError
+from tunelab.cli.output_files import atomic_file, check_new_file
 
 RunArg = Annotated[Path, typer.Argument(help="A finished classification run directory.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Data file, builtin:NAME or hub id.")]
 SplitOpt = Annotated[str, typer.Option(help="Split for builtin/hub data.")]
 BatchOpt = Annotated[int, typer.Option(help="Examples per forward pass.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out (and its PNG) if it exists.")]
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -30,9 +31,10 @@ def register(app: typer.Typer, console: Console) -> None:
     def eval_command(
         run_dir: RunArg, data: DataOpt, split: SplitOpt = "train", batch_size: BatchOpt = 16,
         out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON here (+ confusion PNG beside).")] = None,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Metrics of a classification run on any labelled data: accuracy, F1, per class, confusion matrix."""
-        metrics = evaluate_run(run_dir, data, split=split, batch_size=batch_size, out=out)
+        metrics = evaluate_run(run_dir, data, split=split, batch_size=batch_size, out=out, overwrite=overwrite)
         print_metrics(console, metrics, title=f"{run_dir} on {data}" + (f" (split {split})" if split != "train" else ""))
         if out:
             console.print(f"[bold green]wrote[/] {out}")
@@ -42,9 +44,10 @@ def register(app: typer.Typer, console: Console) -> None:
         run_dir: RunArg, data: DataOpt,
         out: Annotated[Path, typer.Option(help="Output JSONL: each record + label and probabilities.")],
         split: SplitOpt = "train", batch_size: BatchOpt = 16,
+        overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     ) -> None:
         """Label new texts: writes each input record with ``prediction`` and per-label ``probabilities``."""
-        count = predict_run(run_dir, data, out, split=split, batch_size=batch_size)
+        count = predict_run(run_dir, data, out, split=split, batch_size=batch_size, overwrite=overwrite)
         console.print(f"[bold green]wrote[/] {count} predictions to {out}")
 
 
@@ -67,38 +70,49 @@ def _prepare(run_dir: Path, data: str, split: str, labelled: bool, batch_size: i
 
 
 def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: int = 16,
-                 out: Path | None = None) -> dict[str, Any]:
-    """Metrics (see :mod:`tunelab.eval.classification`) of a run on labelled ``data``; optionally saved."""
+                 out: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Metrics (see :mod:`tunelab.eval.classification`) of a run on labelled ``data``; optionally saved.
+
+    ``out`` gets the metrics JSON and, for single-label runs, ``out`` with suffix ``.png`` the
+    confusion matrix; neither may exist unless ``overwrite`` (see :mod:`tunelab.cli.output_files`).
+    """
     from tunelab.eval.classification import evaluate_classifier, plot_confusion_matrix
     from tunelab.training.precision import pick_device
 
+    if out:
+        check_new_file(out, overwrite)
     device = pick_device()
     model, config, labels, _, batches = _prepare(run_dir, data, split, True, batch_size)
+    if out and labels.problem_type == "single_label":
+        check_new_file(out.with_suffix(".png"), overwrite, option="--out's confusion-matrix PNG")
     metrics = evaluate_classifier(model.to(device), batches, device, problem_type=labels.problem_type,
                                   names=labels.names, threshold=config.classification.threshold)
     metrics["num_examples"] = sum(b["num_examples"] for b in batches)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2))
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
         if "confusion_matrix" in metrics:
-            plot_confusion_matrix(metrics["confusion_matrix"], labels.names, out.with_suffix(".png"),
-                                  title=f"{Path(run_dir).name} on {Path(data).name} [{split}]")
+            with atomic_file(out.with_suffix(".png")) as tmp:
+                plot_confusion_matrix(metrics["confusion_matrix"], labels.names, tmp,
+                                      title=f"{Path(run_dir).name} on {Path(data).name} [{split}]")
     return metrics
 
 
-def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", batch_size: int = 16) -> int:
-    """Write ``out`` (JSONL): each record plus ``prediction`` and ``probabilities`` (or ``values``)."""
+def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", batch_size: int = 16,
+                overwrite: bool = False) -> int:
+    """Write ``out`` (JSONL): each record plus ``prediction`` and ``probabilities`` (or ``values``).
+
+    ``out`` may not exist unless ``overwrite``; it is written atomically (see :mod:`tunelab.cli.output_files`).
+    """
     from tunelab.eval.classification import predict_logits, probabilities
     from tunelab.training.precision import pick_device
 
-    if out.exists() and out.is_dir():
-        raise TunelabError(f"--out {out} is a directory; give a .jsonl file path")
+    check_new_file(out, overwrite)
     device = pick_device()
     model, config, labels, records, batches = _prepare(run_dir, data, split, False, batch_size)
     scores = probabilities(labels.problem_type, predict_logits(model.to(device), batches, device)).tolist()
     threshold = config.classification.threshold
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record, row in zip(records, scores):
             f.write(json.dumps({**record, **_prediction(labels.problem_type, labels.names, row, threshold)},
                                ensure_ascii=False, default=str) + "\n")

@@ -12,11 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.cli.output_files import atomic_file, check_new_file
 from tunelab.errors import TunelabError
 
 DataOpt = Annotated[str, typer.Option(help="Local .jsonl/.json/.csv/.parquet, builtin:NAME or a hub dataset id.")]
 NameOpt = Annotated[Optional[str], typer.Option(help="Subset / config name of a built-in or hub dataset.")]
 SplitOpt = Annotated[str, typer.Option(help="Split of a built-in or hub dataset.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -30,9 +32,10 @@ def register(app: typer.Typer, console: Console) -> None:
         max_seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: the run's).")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Write per-pair scores here (JSONL).")] = None,
         show: Annotated[int, typer.Option(help="Pairs to print.")] = 5,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Score prompt/chosen/rejected pairs with a reward model: pairwise accuracy (95% CI), margins."""
-        score_pairs(run_dir, data, name, split, batch_size, max_seq_len, out, show, console)
+        score_pairs(run_dir, data, name, split, batch_size, max_seq_len, out, show, console, overwrite=overwrite)
 
     @app.command("generate-rejected")
     def generate_rejected(
@@ -44,15 +47,21 @@ def register(app: typer.Typer, console: Console) -> None:
         batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
         limit: Annotated[Optional[int], typer.Option(help="Use only the first N records.")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Make DPO pairs from a conversation dataset: chosen = its last assistant reply, rejected =
         the model's own greedy reply to the same prompt."""
-        write_rejected_pairs(data, name, split, out, model, max_new_tokens, batch_size, limit, threads, console)
+        write_rejected_pairs(data, name, split, out, model, max_new_tokens, batch_size, limit, threads, console,
+                             overwrite=overwrite)
 
 
 def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_size: int, max_seq_len: int | None,
-                out: Path | None, show: int, console: Console) -> dict[str, float]:
-    """Score every pair of ``data`` with the reward model in ``run_dir``; returns the summary."""
+                out: Path | None, show: int, console: Console, *, overwrite: bool = False) -> dict[str, float]:
+    """Score every pair of ``data`` with the reward model in ``run_dir``; returns the summary.
+
+    ``out`` (per-pair scores, JSONL) may not exist unless ``overwrite``; it is written atomically
+    (see :mod:`tunelab.cli.output_files`).
+    """
     from transformers import AutoModelForSequenceClassification
 
     from tunelab.config.schema import DataConfig, DataSource
@@ -61,6 +70,8 @@ def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_si
     from tunelab.models.run import load_run, read_run_info
     from tunelab.recipes.reward import pairwise_summary, score_batches
 
+    if out is not None:
+        check_new_file(out, overwrite)
     if read_run_info(run_dir).get("task_type") != "SEQ_CLS":
         raise TunelabError(f"{run_dir} is not a reward-model run (train one with task: reward)")
     model, tokenizer, _ = load_run(run_dir, AutoModelForSequenceClassification, num_labels=1)
@@ -81,8 +92,7 @@ def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_si
     chosen, rejected = score_batches(model, batches, torch.device("cpu"))
     summary = pairwise_summary(chosen, rejected)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as f:
+        with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
             for example, c, r in zip(kept, chosen.tolist(), rejected.tolist()):
                 f.write(json.dumps({"prompt": example["prompt"], "chosen_score": c, "rejected_score": r}) + "\n")
     table = Table(title=f"{run_dir} on {data} ({split})")
@@ -114,11 +124,13 @@ def _snippet(reply: Any, width: int = 60) -> str:
 
 
 def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, model_ref: str, max_new_tokens: int,
-                         batch_size: int, limit: int | None, threads: int | None, console: Console) -> dict[str, int]:
+                         batch_size: int, limit: int | None, threads: int | None, console: Console, *,
+                         overwrite: bool = False) -> dict[str, int]:
     """Write ``{"prompt", "chosen", "rejected"}`` JSONL: for each conversation record, prompt = the turns
     before its last assistant reply (a string when that is a single user turn), chosen = that reply,
     rejected = ``model_ref``'s greedy reply. Pairs whose two replies are equal or empty are skipped
-    and counted. Returns the counts."""
+    and counted. Returns the counts. ``out`` may not exist unless ``overwrite``; it is written
+    atomically (see :mod:`tunelab.cli.output_files`)."""
     import torch
 
     from tunelab.config.schema import DataSource
@@ -126,6 +138,7 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
     from tunelab.data.sources import load_records
     from tunelab.models.generate import generate_replies
 
+    check_new_file(out, overwrite)
     if threads:
         torch.set_num_threads(threads)
     records = load_records(DataSource(path=data, name=name, split=split))[:limit]
@@ -148,8 +161,7 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
             replies[json.dumps(prompt)] = reply
         console.print(f"generated {min(start + batch_size, len(unique))}/{len(unique)} replies")
     counts = {"written": 0, "skipped_equal": 0, "skipped_empty": 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for prompt, chosen in items:
             rejected = replies[json.dumps(prompt)]
             if not rejected.strip() or not chosen.strip():

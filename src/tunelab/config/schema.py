@@ -28,7 +28,7 @@ class ModelConfig(StrictModel):
 
     name_or_path: str = Field(
         description="Built-in alias (smollm2-135m-instruct, all-minilm-l6-v2), local HF directory, "
-        "path to a .gguf file, or a hub id."
+        "path to a .gguf file, or a hub id written owner/name."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo.")

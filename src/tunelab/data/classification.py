@@ -22,7 +22,7 @@ import torch
 
 from tunelab.config.classification import ClassificationConfig
 from tunelab.config.schema import Config, DataSource
-from tunelab.data.sources import load_records
+from tunelab.data.sources import load_records, present_fields
 from tunelab.errors import ConfigError, DataError
 from tunelab.training.loop import Batch, BatchPlan
 
@@ -317,15 +317,15 @@ def classification_batch_plan(examples: list[ClassificationExample], *, batch_si
 def _text_of(record: dict[str, Any], field_name: str, where: str) -> str:
     value = record.get(field_name)
     if not isinstance(value, str) or not value.strip():
-        got = "missing" if field_name not in record else f"{type(value).__name__} {str(value)[:40]!r}"
+        got = "missing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
         raise DataError(f"{where}: text field '{field_name}' must be a non-empty string ({got}; record has "
-                        f"{sorted(record)}); set classification.text_field")
+                        f"{present_fields(record)}); set classification.text_field")
     return value
 
 
 def _label_of(record: dict[str, Any], cc: ClassificationConfig, where: str) -> Any:
     if record.get(cc.label_field) is None:
-        raise DataError(f"{where}: no label field '{cc.label_field}' (record has {sorted(record)}); "
+        raise DataError(f"{where}: no label field '{cc.label_field}' (record has {present_fields(record)}); "
                         "set classification.label_field")
     return record[cc.label_field]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.sources import present_fields
 from tunelab.errors import DataError
 
 REQUIRED_FIELDS = {
@@ -43,7 +44,7 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
     Raises:
         DataError: no known format's fields are present.
     """
-    fields = set(record)
+    fields = set(present_fields(record))
     has = {name: columns.get(name, name) in fields for name in ("messages", "conversations", "instruction",
                                                                  "output", "prompt", "completion", "text")}
     if has["messages"]:
@@ -81,12 +82,12 @@ def to_example(record: dict[str, Any], fmt: str, columns: dict[str, str], where:
             expected = [columns.get(f, f) for f in REQUIRED_FIELDS[fmt]]
             raise DataError(
                 f"{where}: format '{fmt}' needs fields {expected}; missing '{column}' "
-                f"(record has {sorted(record)})"
+                f"(record has {present_fields(record)})"
             )
         return value
 
     if fmt == "messages":
-        key = "messages" if columns.get("messages", "messages") in record else "conversations"
+        key = "messages" if record.get(columns.get("messages", "messages")) is not None else "conversations"
         return {"messages": _messages(field(key), where, role_key="role", content_key="content")}
     if fmt == "sharegpt":
         return {"messages": _messages(field("conversations"), where, role_key="from", content_key="value")}

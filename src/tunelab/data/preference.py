@@ -43,7 +43,7 @@ import torch
 from tunelab.config.schema import DataConfig, DataSource
 from tunelab.data.collate import IGNORE_INDEX, packed_collate
 from tunelab.data.packing import epoch_index_groups
-from tunelab.data.sources import load_records
+from tunelab.data.sources import load_records, present_fields
 from tunelab.data.templates import render_messages
 from tunelab.data.tokenize import DataStats
 from tunelab.errors import DataError
@@ -96,7 +96,7 @@ def to_preference_example(record: dict[str, Any], columns: dict[str, str], where
     chosen, rejected, prompt = get("chosen"), get("rejected"), get("prompt")
     if chosen is None or rejected is None:
         raise DataError(f"{where}: a preference record needs 'chosen' and 'rejected' "
-                        f"(record has {sorted(record)}); map other names with data.columns")
+                        f"(record has {present_fields(record)}); map other names with data.columns")
     for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if value is not None and not isinstance(value, (str, list)):
             raise DataError(f"{where}: '{name}' must be a string or a list of messages, got {type(value).__name__}")

@@ -5,7 +5,10 @@ A reference is one of:
   * a local Hugging Face directory (``config.json`` + safetensors),
   * a ``.gguf`` file: converted once with transformers' GGUF loader into a cached safetensors
     directory keyed by the file's SHA-256, so later loads take well under a second,
-  * a hub id (``org/name``), loaded by transformers (needs network, or a warm HF cache).
+  * a hub id (``org/name``), loaded by transformers (needs network, or a warm HF cache). A name
+    without ``/`` that is neither an alias nor an existing path is an error listing the aliases
+    (a misspelled alias is never sent to the hub); legacy hub ids without an owner (``gpt2``) must
+    be written with it (``openai-community/gpt2``).
 
 Remote code never runs unless ``trust_remote_code`` is set, and pickle ``.bin`` weights are
 refused unless ``allow_pickle`` is set.
@@ -14,6 +17,7 @@ refused unless ``allow_pickle`` is set.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import logging
@@ -55,8 +59,10 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn an alias or ``.gguf`` path into a local HF directory; pass other references through.
 
     Raises:
-        ModelLoadError: alias whose package is not installed, a missing ``.gguf`` file, or a missing
-            local path (one starting with ``/``, ``./``, ``../`` or ``~``: never sent to the hub).
+        ModelLoadError: alias whose package is not installed, a missing ``.gguf`` file, a missing
+            local path (one starting with ``/``, ``./``, ``../`` or ``~``: never sent to the hub), or
+            a name without ``/`` that is not an alias or an existing path (likely a misspelled alias;
+            the message suggests the closest one).
     """
     if name_or_path in ALIASES:
         alias = ALIASES[name_or_path]
@@ -72,7 +78,20 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
         raise ModelLoadError(f"model path {name_or_path} does not exist (a local path, so the hub is not asked); "
                              f"built-in aliases: {sorted(ALIASES)}")
+    if "/" not in name_or_path and not Path(name_or_path).exists():
+        raise ModelLoadError(_unknown_name_message(name_or_path))
     return name_or_path
+
+
+def _unknown_name_message(name: str) -> str:
+    """Why a name without ``/`` is refused: the closest alias, all aliases, how to write a hub id."""
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.6)
+    suggestion = f"did you mean '{close[0]}'? " if close else ""
+    return (
+        f"unknown model '{name}': not a built-in alias and no such local file or directory; {suggestion}"
+        f"built-in aliases: {', '.join(sorted(ALIASES))}. Hub ids are written owner/name; a legacy id "
+        "without an owner needs it spelled out (e.g. openai-community/gpt2, google-bert/bert-base-uncased)"
+    )
 
 
 def convert_gguf(gguf_path: Path) -> Path:

@@ -31,7 +31,8 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
 
     Raises:
         TunelabError: the directory already holds a run and neither resume nor overwrite was
-            asked for, or resume was asked for and there is no checkpoint.
+            asked for, resume was asked for and there is no checkpoint, or the directory is not
+            empty and holds no tunelab run (never written into, even with ``overwrite``).
     """
     existing = list_checkpoints(output_dir)
     if resume:
@@ -48,7 +49,35 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
             f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another output_dir"
         )
+    _refuse_foreign_dir(output_dir)
     return None
+
+
+# Names only tunelab writes into an output_dir; one of them marks the directory as a run's (perhaps one
+# interrupted before its first checkpoint), which --overwrite may replace.
+RUN_MARKERS = ("tunelab.json", "checkpoints", "metrics.jsonl", "reference_logps")
+
+
+def _refuse_foreign_dir(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that is a file, or a non-empty directory that no tunelab run wrote.
+
+    A run writes model, tokenizer and report files under fixed names, which would silently replace
+    a user's files of the same name; tunelab never deletes user files, so it asks for another
+    directory instead, ``--overwrite`` or not.
+    """
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise TunelabError(f"output_dir {output_dir} is a file, not a directory; choose another output_dir")
+    entries = sorted(p.name for p in output_dir.iterdir())
+    if entries and not any(name in RUN_MARKERS for name in entries):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise TunelabError(
+            f"output_dir {output_dir} is not empty and is not a tunelab run (it holds {shown}); a run would "
+            "write its model and report files among them, so tunelab refuses (--overwrite only replaces "
+            "earlier tunelab runs). Set output_dir to a new or empty directory, e.g. "
+            f"output_dir={output_dir / 'run'}"
+        )
 
 
 def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str] = ()) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tunelab.config.schema import DataConfig, DataSource
-from tunelab.data.sources import load_records
+from tunelab.data.sources import load_records, present_fields
 from tunelab.errors import DataError
 
 
@@ -63,7 +63,7 @@ def record_messages(record: dict[str, Any], columns: dict[str, str], where: str)
                 return messages
             raise DataError(f"{where}: the conversation must contain a user turn to answer")
     raise DataError(f"{where}: an RL prompt record needs a '{prompt_key}' string or a 'messages' list "
-                    f"(record has {sorted(record)}); map your column with data.columns")
+                    f"(record has {present_fields(record)}); map your column with data.columns")
 
 
 def _turn(turn: Any, where: str, i: int) -> dict[str, str]:

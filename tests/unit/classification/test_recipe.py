@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tunelab.config.load import validate_config
+from tunelab.errors import TunelabError
 from tunelab.recipes.classify import BestSelector, train
 from tests.unit.classification.helpers import tiny_base_dir
 
@@ -75,6 +76,15 @@ def test_single_label_encoder_full_learns_and_saves_label_names(tmp_path, encode
     assert predict_run(tmp_path / "run", str(unlabelled), tmp_path / "preds.jsonl") == 1
     pred = json.loads((tmp_path / "preds.jsonl").read_text())
     assert pred["prediction"] == "pos" and abs(sum(pred["probabilities"].values()) - 1) < 1e-5
+    with pytest.raises(TunelabError, match="preds.jsonl already exists"):
+        predict_run(tmp_path / "run", str(unlabelled), tmp_path / "preds.jsonl")
+    (tmp_path / "preds.jsonl").write_text("old\n")
+    assert predict_run(tmp_path / "run", str(unlabelled), tmp_path / "preds.jsonl", overwrite=True) == 1
+    assert json.loads((tmp_path / "preds.jsonl").read_text())["prediction"] == "pos"
+    (tmp_path / "eval.json").unlink()  # the PNG beside it is guarded too
+    with pytest.raises(TunelabError, match="eval.png already exists"):
+        evaluate_run(tmp_path / "run", str(data), out=tmp_path / "eval.json")
+    assert evaluate_run(tmp_path / "run", str(data), out=tmp_path / "eval.json", overwrite=True)["num_examples"] == 36
 
 
 def test_decoder_lora_with_head_learns_and_reloads(tmp_path, decoder_dir):

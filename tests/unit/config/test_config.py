@@ -24,6 +24,13 @@ def test_every_shipped_config_validates(path):
     assert config.model.name_or_path
 
 
+def test_quickstart_config_checkpoints_during_the_run_so_ctrl_c_can_resume():
+    """The README's quickstart (about 50 optimizer steps) must leave checkpoints to --resume from."""
+    train = load_config(ROOT / "configs" / "sft" / "support-assistant-lora.yaml").train
+    assert train.save_every is not None and train.save_every <= 10
+    assert train.keep_last <= 2
+
+
 def test_defaults_come_from_schema(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert config.train.method == "lora" and config.lora.r == 16 and config.data.packing is True

@@ -43,6 +43,31 @@ def test_missing_field_names_record_and_expected_fields():
     assert "record #7" in str(err.value) and "'output'" in str(err.value) and "instruction" in str(err.value)
 
 
+def test_missing_field_lists_only_the_fields_that_record_has(tmp_path):
+    """datasets merges every record's keys into one schema; the error must not name other records' fields."""
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.pipeline import load_canonical
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "input": "x", "output": "b", "system": "s"}) + "\n"
+                    + json.dumps({"instruction": "c", "note": "n"}) + "\n")
+    assert load_records(DataSource(path=str(path)))[1] == {"instruction": "c", "note": "n"}
+    cfg = DataConfig(train=DataSource(path=str(path)))
+    with pytest.raises(DataError) as err:
+        load_canonical(cfg.train, cfg)
+    message = str(err.value)
+    assert f"{path} record #2" in message and "missing 'output'" in message
+    assert "record has ['instruction', 'note']" in message and "system" not in message
+
+
+def test_columnar_sources_list_only_fields_with_a_value(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,completion,extra\na,b,\nc,,\n")
+    records = load_records(DataSource(path=str(path)))
+    with pytest.raises(DataError, match=r"record #2: .*missing 'completion' \(record has \['prompt'\]\)"):
+        to_example(records[1], "prompt_completion", {}, f"{path} record #2")
+
+
 def test_bad_role_is_named():
     with pytest.raises(DataError, match="turn 1 has role 'robot'"):
         to_example({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
@@ -66,6 +91,51 @@ def test_local_jsonl_csv_parquet(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     for name in ("d.jsonl", "d.csv", "d.parquet"):
         assert load_records(DataSource(path=str(tmp_path / name))) == rows
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("empty.jsonl", "", ["the file has no records"]),
+    ("blank.jsonl", "\n  \n", ["the file has no records"]),
+    ("empty.json", "", ["the file has no records"]),
+    ("empty-array.json", "[]", ["the file has no records"]),
+    ("empty.csv", "", ["the file has no records"]),
+    ("header-only.csv", "prompt,completion\n", ["the file has no records"]),
+    ("text.json", "just some text\n", [":1: malformed JSON", "JSON array of objects"]),
+    ("broken.json", '[{"prompt": "a"},\n {"prompt": }]', [":2: malformed JSON", "JSON array of objects"]),
+    ("scalar.json", '"a string"', ["holds a single JSON str", "JSON array of objects"]),
+    ("numbers.json", "[1, 2]", ["array element #1 is not a JSON object: 1"]),
+    ("extra-field.csv", "prompt,completion\na,b\nc,d,e\n", [":3: malformed CSV: 3 field(s)", "has 2"]),
+    ("unclosed-quote.csv", 'prompt,completion\na,b\n"c,d\n', [":3: malformed CSV: 1 field(s)", "close every quote"]),
+    ("zero-bytes.parquet", "", ["not a readable Parquet file"]),
+])
+def test_unreadable_local_files_name_the_file_and_say_why(tmp_path, name, content, needles):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_records(DataSource(path=str(path)))
+    assert str(err.value).startswith(str(path))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_json_file_may_hold_an_array_one_object_or_json_lines(tmp_path):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "one.json").write_text(json.dumps(rows[0], indent=2))
+    assert load_records(DataSource(path=str(tmp_path / "array.json"))) == rows
+    assert load_records(DataSource(path=str(tmp_path / "lines.json"))) == rows
+    assert load_records(DataSource(path=str(tmp_path / "one.json"))) == rows[:1]
+
+
+def test_parquet_with_no_rows_has_no_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match="the file has no records"):
+        load_records(DataSource(path=str(path)))
 
 
 def test_missing_file_is_a_data_error(tmp_path):

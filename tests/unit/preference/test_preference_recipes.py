@@ -115,6 +115,10 @@ def test_reward_model_lora_trains_the_head_saves_it_and_scores(tmp_path, tiny_mo
     assert summary["accuracy"] == after["accuracy"]
     assert summary["margin"] == pytest.approx(after["margin"], abs=1e-4)
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "s.jsonl").write_text("old\n")
+    again = score_pairs(run, str(tmp_path / "held.jsonl"), None, "train", 2, None, tmp_path / "s.jsonl", 2, QUIET,
+                        overwrite=True)
+    assert again == summary and len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
 
 
 def test_wilson_interval_matches_the_formula():
@@ -157,6 +161,11 @@ def test_generate_rejected_writes_pairs_with_the_real_answer_as_chosen(tmp_path,
                                               "model reply to q0"]
     assert pairs[0]["prompt"] == "q0" and pairs[3]["prompt"][0]["role"] == "system"  # multi-turn stays a list
     assert "'skipped_equal': 1" in " ".join(result.output.split())
+    out.write_text("old\n")
+    again = CliRunner().invoke(app, ["generate-rejected", "--data", str(conversations), "--out", str(out), "--model",
+                                     str(tiny_model_dir), "--max-new-tokens", "3", "--batch-size", "2", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert [json.loads(line) for line in out.read_text().splitlines()] == pairs
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

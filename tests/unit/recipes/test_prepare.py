@@ -44,3 +44,47 @@ def test_setup_trainable_honours_gradient_checkpointing_for_every_recipe():
     plain = make_tiny_llama()
     setup_trainable(plain, config())
     assert not plain.is_gradient_checkpointing
+
+
+def test_output_dir_with_user_files_is_refused_even_with_overwrite(tmp_path):
+    from tunelab.recipes.prepare import check_output_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "config.yaml").write_text("my: config")
+    for overwrite in (False, True):
+        with pytest.raises(TunelabError) as err:
+            check_output_dir(out, resume=False, overwrite=overwrite)
+        message = str(err.value)
+        assert f"output_dir {out} is not empty and is not a tunelab run" in message
+        assert "config.yaml, notes.txt" in message and f"output_dir={out / 'run'}" in message
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "config.yaml").read_text() == "my: config"
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    from tunelab.recipes.prepare import check_output_dir
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(TunelabError, match="is a file, not a directory"):
+        check_output_dir(tmp_path / "out", resume=False, overwrite=False)
+
+
+def test_empty_missing_or_earlier_run_output_dirs_are_accepted(tmp_path):
+    from tunelab.recipes.prepare import check_output_dir
+
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(tmp_path / "empty", resume=False, overwrite=False) is None
+    assert check_output_dir(tmp_path / "new", resume=False, overwrite=False) is None
+    interrupted = tmp_path / "interrupted"  # stopped before its first checkpoint: restarted as before
+    interrupted.mkdir()
+    (interrupted / "metrics.jsonl").write_text("")
+    (interrupted / "config.yaml").write_text("")
+    assert check_output_dir(interrupted, resume=False, overwrite=False) is None
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "tunelab.json").write_text("{}")
+    (finished / "notes.txt").write_text("")
+    with pytest.raises(TunelabError, match="already holds a run"):
+        check_output_dir(finished, resume=False, overwrite=False)
+    assert check_output_dir(finished, resume=False, overwrite=True) is None

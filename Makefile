@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest
 
 bench: venv
-	$(PY) -m bench.compare cpu
+	$(PY) -m bench.compare cpu --steps 8 --tunelab-precisions fp32,bf16
 
 clean:
 	rm -rf $(VENV) runs merged

@@ -15,13 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.cli.output_files import atomic_file, check_new_file
+from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_new_file
 
 RunArg = Annotated[Path, typer.Argument(help="A finished classification run directory.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Data file, builtin:NAME or hub id.")]
 SplitOpt = Annotated[str, typer.Option(help="Split for builtin/hub data.")]
 BatchOpt = Annotated[int, typer.Option(help="Examples per forward pass.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out (and its PNG) if it exists.")]
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -31,7 +30,7 @@ def register(app: typer.Typer, console: Console) -> None:
     def eval_command(
         run_dir: RunArg, data: DataOpt, split: SplitOpt = "train", batch_size: BatchOpt = 16,
         out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON here (+ confusion PNG beside).")] = None,
-        overwrite: OverwriteOpt = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace --out and its PNG if they exist.")] = False,
     ) -> None:
         """Metrics of a classification run on any labelled data: accuracy, F1, per class, confusion matrix."""
         metrics = evaluate_run(run_dir, data, split=split, batch_size=batch_size, out=out, overwrite=overwrite)
@@ -44,7 +43,7 @@ def register(app: typer.Typer, console: Console) -> None:
         run_dir: RunArg, data: DataOpt,
         out: Annotated[Path, typer.Option(help="Output JSONL: each record + label and probabilities.")],
         split: SplitOpt = "train", batch_size: BatchOpt = 16,
-        overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+        overwrite: OverwriteOutOpt = False,
     ) -> None:
         """Label new texts: writes each input record with ``prediction`` and per-label ``probabilities``."""
         count = predict_run(run_dir, data, out, split=split, batch_size=batch_size, overwrite=overwrite)

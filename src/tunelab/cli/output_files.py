@@ -13,8 +13,14 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from tunelab.errors import TunelabError
+
+# The ``--overwrite`` option of every command that writes an ``--out`` file.
+OverwriteOutOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 
 
 def check_new_file(path: Path, overwrite: bool, option: str = "--out") -> None:

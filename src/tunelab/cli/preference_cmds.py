@@ -12,13 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.cli.output_files import atomic_file, check_new_file
+from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_new_file
 from tunelab.errors import TunelabError
 
 DataOpt = Annotated[str, typer.Option(help="Local .jsonl/.json/.csv/.parquet, builtin:NAME or a hub dataset id.")]
 NameOpt = Annotated[Optional[str], typer.Option(help="Subset / config name of a built-in or hub dataset.")]
 SplitOpt = Annotated[str, typer.Option(help="Split of a built-in or hub dataset.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 
 
 def register(app: typer.Typer, console: Console) -> None:
@@ -32,7 +31,7 @@ def register(app: typer.Typer, console: Console) -> None:
         max_seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: the run's).")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Write per-pair scores here (JSONL).")] = None,
         show: Annotated[int, typer.Option(help="Pairs to print.")] = 5,
-        overwrite: OverwriteOpt = False,
+        overwrite: OverwriteOutOpt = False,
     ) -> None:
         """Score prompt/chosen/rejected pairs with a reward model: pairwise accuracy (95% CI), margins."""
         score_pairs(run_dir, data, name, split, batch_size, max_seq_len, out, show, console, overwrite=overwrite)
@@ -47,7 +46,7 @@ def register(app: typer.Typer, console: Console) -> None:
         batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
         limit: Annotated[Optional[int], typer.Option(help="Use only the first N records.")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
-        overwrite: OverwriteOpt = False,
+        overwrite: OverwriteOutOpt = False,
     ) -> None:
         """Make DPO pairs from a conversation dataset: chosen = its last assistant reply, rejected =
         the model's own greedy reply to the same prompt."""

@@ -109,7 +109,7 @@ def test_non_finite_reward_never_reaches_the_loss(tmp_path, smollm2_tokenizer):
         return [float("nan")] + [1.0] * (len(inputs.completions) - 1)
 
     prompts = [Prompt([{"role": "user", "content": "q"}], [5, 6, 7], {"answer": "1"})]
-    session = RLSession(model, smollm2_tokenizer, None, [], 0, [RewardTerm("bad", 1.0, bad)], [2], torch.device("cpu"))
+    session = RLSession(model, smollm2_tokenizer, None, [], 0, 0, [RewardTerm("bad", 1.0, bad)], [2], torch.device("cpu"))
     optimizer = build_optimizer(model, config.train)
     with pytest.raises(RewardError, match="bad returned a non-finite value"):
         grpo_step(session, prompts, config, optimizer, build_scheduler(optimizer, config.train, 1), None,

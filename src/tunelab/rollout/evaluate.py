@@ -112,6 +112,7 @@ def rl_results(session: RLSession, before, after, steps: int, started: float) ->
     """The results block stored in ``tunelab.json`` (prompt counts incl. drops, before/after rewards)."""
     return {"train_prompts": len(session.train.prompts), "train_prompts_too_long": session.train.num_too_long,
             "held_out_prompts": len(session.held_out), "held_out_too_long": session.num_held_out_too_long,
+            "held_out_in_train": session.num_held_out_in_train,
             "held_out_before": before, "held_out_after": after, "steps": steps,
             "train_seconds": round(time.perf_counter() - started, 1)}
 

@@ -29,6 +29,7 @@ class RLSession:
     train: PromptSet
     held_out: list[Prompt]
     num_held_out_too_long: int
+    num_held_out_in_train: int  # validation prompts dropped because they are also training prompts
     terms: list[RewardTerm]
     stop_ids: list[int]
     device: torch.device
@@ -67,7 +68,7 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
                        revision=mc.revision, attn_implementation=mc.attn_implementation).to(device)
     model.eval()
     terms = build_reward_terms(rl.rewards, device)
-    return RLSession(model, tokenizer, train, held_out[:rl.eval_prompts], held_too_long, terms,
+    return RLSession(model, tokenizer, train, held_out[:rl.eval_prompts], held_too_long, held_in_train, terms,
                      stop_token_ids(tokenizer), device)
 
 

@@ -110,3 +110,4 @@ def test_held_out_prompts_that_are_also_training_prompts_are_dropped(tmp_path, t
     config.data.validation = type(config.data.train)(path=str(held))
     session = open_session(config, torch.device("cpu"), Console(quiet=True))
     assert [p.text for p in session.held_out] == ["What is 2 plus 2?"]
+    assert session.num_held_out_in_train == 1

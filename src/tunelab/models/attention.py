@@ -7,9 +7,10 @@ cross-example blocks the mask then throws away, and a masked call cannot use the
 skipping of the upper triangle. ``sdpa_varlen`` splits each row at its segment starts and runs one
 ``is_causal`` attention per example instead, so the work is Σ lᵢ²/2 rather than T² (a 512-token
 row of three examples: ~6× less attention arithmetic). Measured on SmolLM2-135M + LoRA, fp32,
-2 CPU threads, forward + backward, A/B in one process (min of 4): a 512-token row of three examples
-2.51 s → 2.26 s, a single 512-token example 2.64 s → 2.46 s, a 318-token example unchanged (the
-end-to-end benchmark is in ``bench/RESULTS.md``).
+2 CPU threads (``python -m bench.cpu_ab``): on rows of ≤ 512 tokens this is no faster than masked
+``sdpa`` (0.96–1.10×); what it buys is that
+a micro-batch's rows can be concatenated into one long row at linear attention cost
+(``sft_batch_plan(flatten_rows=True)``: 0.98–1.25× over running the rows one by one).
 
 The result is the same attention (each token sees exactly the earlier tokens of its own example),
 so packed ≡ unpacked holds as for ``sdpa`` (tested in ``tests/invariants/test_packing.py``).

@@ -120,6 +120,15 @@ class RLConfig(StrictModel):
     vf_coef: float = Field(0.1, ge=0, description="PPO: value-loss weight.")
     value_clip_eps: float = Field(0.2, gt=0, description="PPO: value clip range.")
     whiten_advantages: bool = Field(True, description="PPO: whiten advantages over the batch.")
+    normalize_scores: bool = Field(
+        True, description="PPO: normalize reward scores to mean 0 / std 1 with running statistics over all "
+        "rollouts so far (Ziegler et al. 2019 normalize the reward model on the initial policy's samples); "
+        "the KL penalty is not rescaled.",
+    )
+    value_lr: float | None = Field(
+        None, gt=0, description="PPO: learning rate of the value head (a fresh linear layer; null = train.lr). "
+        "The warmup/decay schedule applies to it too.",
+    )
     # GRPO
     scale_rewards: Literal["std", "none"] = Field(
         "std", description="GRPO: divide group-centred rewards by the group std; 'none' = Dr. GRPO."

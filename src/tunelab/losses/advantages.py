@@ -11,6 +11,9 @@ differentiable.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "gae",
     "ppo_token_rewards",
     "grpo_advantages",
+    "RunningMoments",
 ]
 
 
@@ -239,3 +243,61 @@ def grpo_advantages(
     if scale_by_std:
         centered = centered / (grouped.std(dim=1, correction=1, keepdim=True) + eps)
     return centered.reshape(-1)
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and standard deviation of every reward score seen so far.
+
+    PPO-RLHF works on reward-model scores whose offset and scale are arbitrary (a reward model is
+    trained only on score *differences*). Ziegler et al. 2019 (arXiv:1909.08593, Sec. 2.2)
+    normalize the reward model so its scores have mean 0 and std 1 on samples of the initial
+    policy; this class does the same with statistics over all rollouts so far, starting with the
+    first batch (which comes from the initial policy), merged batch by batch with Chan et al.'s
+    parallel update (1979). Without it, a value head that starts at 0 and GAE with lambda < 1
+    turn a positive score offset into a per-token advantage that is larger for shorter replies
+    (the last tokens of every reply get the most of the score), which whitening then turns
+    into a push toward short replies whatever the reward model prefers.
+
+    Attributes:
+        count: scores seen (int).
+        mean: their mean (float, reward units).
+        m2: sum of squared deviations from ``mean`` (float).
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def std(self) -> float:
+        """Unbiased sample std of the scores seen (0.0 before two scores)."""
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        """Merge a batch of scores (any shape, finite) into the running statistics.
+
+        Raises:
+            ValueError: a score is not finite (its row is named).
+        """
+        x = scores.detach().double().flatten()
+        if x.numel() == 0:
+            return
+        _check_finite(x, "scores")
+        n, mean = x.numel(), float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def normalize(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """``(scores - mean) / std`` with the current statistics, same shape and dtype.
+
+        While the std is below ``1e-6`` (e.g. every exact-match reward so far was 0), only the
+        mean is subtracted, so a first non-zero reward is not blown up by a tiny std.
+        """
+        std = self.std
+        centered = scores - self.mean
+        return centered / (std + eps) if std > 1e-6 else centered

@@ -9,8 +9,12 @@ the value head, whiten them, and run ``rl.ppo_epochs`` passes of the clipped pol
 (Schulman et al. 2017, arXiv:1707.06347, Eq. 7) plus ``vf_coef`` × the clipped value loss over
 mini-batches. The KL coefficient is fixed or adaptive (Ziegler et al. 2019, Sec. 2.2).
 
+Reward scores are normalized to mean 0 / std 1 with running statistics (``rl.normalize_scores``,
+:class:`~tunelab.losses.advantages.RunningMoments`) before the KL penalty is subtracted; the value
+head (a fresh linear layer) can have its own learning rate (``rl.value_lr``).
+
 Deliberate simplifications: no pretraining-gradient mix (PPO-ptx); the value head shares the
-policy's trunk (no separate critic model); no reward normalization or score clipping; no resume.
+policy's trunk (no separate critic model); no score clipping; no resume.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 
 from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
-from tunelab.losses.advantages import gae, masked_mean, masked_whiten, ppo_token_rewards
+from tunelab.losses.advantages import RunningMoments, gae, masked_mean, masked_whiten, ppo_token_rewards
 from tunelab.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from tunelab.models.run import save_run
@@ -60,18 +64,21 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                   f"+ value head {sum(p.numel() for p in value_head.parameters()):,}")
     steps = num_rl_steps(config, len(session.train.prompts))
     rows = tc.batch_size * rl.num_generations
-    optimizer = build_optimizer(nn.ModuleDict({"policy": model, "value_head": value_head}), tc)
+    optimizer = build_optimizer(model, tc)
+    optimizer.add_param_group({"params": list(value_head.parameters()), "lr": rl.value_lr or tc.lr,
+                               "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, tc, steps * rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows)))
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.adaptive_kl
               else FixedKLController(rl.kl_coef))
     log = MetricsLog(output_dir / "metrics.jsonl")
     (output_dir / "samples.jsonl").write_text("")
     generator = torch.Generator().manual_seed(tc.seed)
+    moments = RunningMoments() if rl.normalize_scores else None
     for step in range(steps):
         t0 = time.perf_counter()
         prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
         record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
-                                   generator)
+                                   generator, moments)
         record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], step_s=round(time.perf_counter() - t0, 2))
         if (step + 1) % tc.log_every == 0 or step + 1 == steps:
             log.write(record)
@@ -108,14 +115,23 @@ def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBat
 
 
 def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: Config, optimizer, scheduler,
-             reference: nn.Module | None, kl_ctl, generator: torch.Generator) -> tuple[dict[str, Any], list[dict]]:
-    """One rollout → reward → GAE → PPO-update cycle; returns the metrics record and sample completions."""
+             reference: nn.Module | None, kl_ctl, generator: torch.Generator,
+             moments: RunningMoments | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """One rollout → reward → GAE → PPO-update cycle; returns the metrics record and sample completions.
+
+    ``moments`` (updated in place with this batch's scores first) normalizes the scores the
+    advantages are built from; the record keeps the raw scores (``reward/mean``) and adds the
+    normalized mean (``reward/normalized_mean``)."""
     rl, model = config.rl, session.model
     batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
                             stop_ids=session.stop_ids, device=session.device)
     scores, per_term = compute_rewards(session.terms, inputs)
     kl_coef = kl_ctl.value
-    batch.extra.update(make_advantages(session, value_head, batch, scores, config, reference, kl_coef))
+    normalized = scores
+    if moments is not None:
+        moments.update(scores)
+        normalized = moments.normalize(scores)
+    batch.extra.update(make_advantages(session, value_head, batch, normalized, config, reference, kl_coef))
     seq_kl = batch.extra["kl"].sum(dim=1)
 
     def loss_fn(micro: RolloutBatch):
@@ -138,6 +154,7 @@ def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: C
     kl_ctl.update(float(seq_kl.mean()), n_steps=len(batch))
     record = {"reward/mean": round(float(scores.mean()), 4), "reward/std": round(float(scores.std()), 4),
               **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
+              "reward/normalized_mean": round(float(normalized.mean()), 4),
               "kl": round(float(seq_kl.mean()), 4), "kl_coef": round(kl_coef, 5),
               "entropy": round(float(masked_mean(batch.extra["entropy"], batch.loss_mask)), 4),
               "length/mean": round(sum(inputs.num_tokens) / len(inputs.num_tokens), 2),

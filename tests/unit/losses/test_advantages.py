@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tunelab.losses.advantages import (
+    RunningMoments,
     gae,
     grpo_advantages,
     masked_mean,
@@ -117,3 +118,45 @@ def test_grpo_advantages_errors() -> None:
         grpo_advantages(torch.tensor([0.0, 1.0, float("nan"), 1.0]), group_size=2)
     with pytest.raises(ValueError, match="group_size"):
         grpo_advantages(torch.zeros(4), group_size=1)
+
+
+def test_running_moments_match_the_statistics_of_all_batches_together() -> None:
+    m = RunningMoments()
+    assert m.std == 0.0
+    m.update(torch.tensor([1.0, 2.0, 3.0]))
+    m.update(torch.tensor([[4.0], [5.0]]))
+    # all five scores 1..5: mean 3, squared deviations 4+1+0+1+4 = 10, unbiased var 10/4.
+    assert m.count == 5 and m.mean == pytest.approx(3.0) and m.std == pytest.approx(math.sqrt(2.5))
+    out = m.normalize(torch.tensor([5.0, 3.0]))
+    torch.testing.assert_close(out, torch.tensor([2 / math.sqrt(2.5), 0.0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        m.update(torch.tensor([1.0, float("nan")]))
+
+
+def test_running_moments_only_centre_while_every_score_was_equal() -> None:
+    m = RunningMoments()
+    m.update(torch.zeros(4))  # e.g. no exact-match hit yet
+    torch.testing.assert_close(m.normalize(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 1.0]))
+
+
+def test_an_uncentred_score_favours_short_replies_and_normalizing_removes_it() -> None:
+    """Why PPO normalizes scores: V = 0, lambda < 1, equal scores 3.0 for a 2- and a 5-token reply.
+
+    Without normalization, GAE gives token t the score times lam ** (tokens after t), so the short
+    reply's tokens get more of it; after whitening the short reply's tokens are all pushed up and
+    the long reply's first tokens down although the reward model liked both equally.
+    """
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    kl = torch.zeros(2, 5, dtype=F64)
+    values = torch.zeros(2, 5, dtype=F64)
+    raw = torch.tensor([3.0, 3.0], dtype=F64)
+    adv, _ = gae(ppo_token_rewards(raw, kl, mask, 0.1), values, mask, gamma=1.0, lam=0.9)
+    # Hand values: short reply [3 * 0.9, 3]; long reply [3 * 0.9**4, 3 * 0.9**3, 3 * 0.9**2, 3 * 0.9, 3].
+    torch.testing.assert_close(adv[0, :2], torch.tensor([2.7, 3.0], dtype=F64))
+    torch.testing.assert_close(adv[1, 0], torch.tensor(3 * 0.9 ** 4, dtype=F64))
+    w = masked_whiten(adv, mask)
+    assert masked_mean(w[:1], mask[:1]) > 0 > masked_mean(w[1:], mask[1:])
+    m = RunningMoments()
+    m.update(raw)
+    adv, _ = gae(ppo_token_rewards(m.normalize(raw), kl, mask, 0.1), values, mask, gamma=1.0, lam=0.9)
+    assert torch.count_nonzero(adv) == 0

@@ -54,14 +54,14 @@ def test_ppo_recipe_runs_with_value_head_and_kl(tmp_path, tiny_model_dir):
 
     rewards = [{"type": "length_penalty", "max_tokens": 2}, {"type": "exact_match", "weight": 0.5}]
     config = _config(tmp_path, tiny_model_dir, "ppo", rewards, num_generations=2, ppo_epochs=2, mini_batch_size=2,
-                     adaptive_kl=True, kl_target=0.01, kl_horizon=100, kl_estimator="k3")
+                     adaptive_kl=True, kl_target=0.01, kl_horizon=100, kl_estimator="k3", value_lr=1e-2)
     train(config)
     out = tmp_path / "ppo"
     assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2
     for key in ("kl", "kl_coef", "entropy", "policy/clip_frac", "policy/approx_kl", "value/explained_variance",
-                "value/loss", "reward/mean", "reward/std", "length/mean"):
+                "value/loss", "reward/mean", "reward/std", "reward/normalized_mean", "length/mean"):
         assert key in lines[0], key
     assert lines[0]["kl"] == 0.0  # first rollout comes from the reference itself (LoRA B = 0)
     assert lines[1]["kl_coef"] != lines[0]["kl_coef"]  # adaptive controller moved

@@ -77,8 +77,11 @@ def tunelab_result(run_dir: str) -> dict[str, Any]:
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_seconds": res["fit_seconds"],
             "per_class_f1": {k: round(v["f1"], 4) for k, v in metrics["per_class"].items()},
             "confusion_matrix": metrics["confusion_matrix"],
-            "detail": f"{res['steps']} steps, best step {res['best_step']} by held-out {res['metric_for_best']} "
-                      f"{res['held_out_best'][res['metric_for_best']]:.4f}; whole command {res['train_seconds']} s"
+            "detail": (f"{res['steps']} steps, best step {res['best_step']} by held-out {res['metric_for_best']} "
+                       f"{res['held_out_best'][res['metric_for_best']]:.4f}" if res.get("best_step") is not None
+                       else f"{res['steps']} steps on all {res['train']['examples']} training reviews, final weights "
+                            "(no held-out split)")
+                      + f"; whole command {res['train_seconds']} s"
                       + (f"; head from a linear probe (C={res['linear_probe']['C']}, {res['linear_probe']['seconds']} s; "
                          f"held-out before fine-tuning: accuracy {res['held_out_before']['accuracy']:.4f}, macro-F1 "
                          f"{res['held_out_before']['macro_f1']:.4f})" if res.get("linear_probe") and res.get("held_out_before")

@@ -28,7 +28,9 @@ def evaluate_rewards(
 
     Returns ``reward`` (mean total), ``reward/<term>`` (mean raw score of each term),
     ``length`` (mean completion tokens), ``truncated`` (fraction without a stop token),
-    ``num_prompts`` and ``samples`` (the first ``num_samples`` prompt/completion/reward triples).
+    ``num_prompts``, ``per_prompt`` (each prompt's total reward, in prompt order, so two
+    evaluations of the same prompts can be compared pair by pair) and ``samples`` (the first
+    ``num_samples`` prompt/completion/reward triples).
     """
     totals, per_term, lengths, truncated, samples = [], {}, [], [], []
     for start in range(0, len(prompts), batch_size):
@@ -44,7 +46,7 @@ def evaluate_rewards(
         samples += sample_records(inputs, total, terms_out, limit=num_samples - len(samples))
     result = {"reward": _mean(totals), **{f"reward/{k}": _mean(v) for k, v in per_term.items()},
               "length": _mean(lengths), "truncated": _mean([float(t) for t in truncated]),
-              "num_prompts": len(prompts), "samples": samples}
+              "num_prompts": len(prompts), "per_prompt": [round(t, 4) for t in totals], "samples": samples}
     return result
 
 
@@ -108,12 +110,37 @@ def held_out_rewards(session: RLSession, config: Config) -> dict[str, Any]:
                             num_samples=config.eval.sample_questions)
 
 
+def paired_comparison(before: list[float], after: list[float]) -> dict[str, Any]:
+    """Per-prompt comparison of two evaluations of the same held-out prompts.
+
+    Returns ``mean_diff`` (after - before, reward units), ``wins``/``losses``/``ties`` (prompts
+    whose reward rose / fell / stayed) and ``wilcoxon_p``: the two-sided p-value of the Wilcoxon
+    signed-rank test (Wilcoxon 1945; ``scipy.stats.wilcoxon``, zero differences dropped), ``None``
+    when every difference is zero.
+
+    Raises:
+        ValueError: the two lists differ in length (not the same prompts).
+    """
+    from scipy.stats import wilcoxon
+
+    if len(before) != len(after):
+        raise ValueError(f"paired comparison needs the same prompts: {len(before)} before vs {len(after)} after")
+    diffs = [a - b for a, b in zip(after, before)]
+    nonzero = [d for d in diffs if d != 0]
+    p_value = float(wilcoxon(nonzero).pvalue) if nonzero else None
+    return {"mean_diff": _mean(diffs), "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
+            "ties": len(diffs) - len(nonzero), "wilcoxon_p": None if p_value is None else round(p_value, 4)}
+
+
 def rl_results(session: RLSession, before, after, steps: int, started: float) -> dict[str, Any]:
-    """The results block stored in ``tunelab.json`` (prompt counts incl. drops, before/after rewards)."""
+    """The results block stored in ``tunelab.json`` (prompt counts incl. drops, before/after rewards and,
+    when both exist, their per-prompt :func:`paired_comparison` as ``held_out_paired``)."""
     return {"train_prompts": len(session.train.prompts), "train_prompts_too_long": session.train.num_too_long,
             "held_out_prompts": len(session.held_out), "held_out_too_long": session.num_held_out_too_long,
             "held_out_in_train": session.num_held_out_in_train,
-            "held_out_before": before, "held_out_after": after, "steps": steps,
+            "held_out_before": before, "held_out_after": after,
+            "held_out_paired": paired_comparison(before["per_prompt"], after["per_prompt"]) if before and after else None,
+            "steps": steps,
             "train_seconds": round(time.perf_counter() - started, 1)}
 
 

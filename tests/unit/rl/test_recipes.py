@@ -47,6 +47,24 @@ def test_grpo_recipe_runs_and_writes_run(tmp_path, tiny_model_dir):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "completion", "reward", "rewards"} <= set(samples[0])
     assert results["held_out_before"]["num_prompts"] == 4
+    assert len(results["held_out_before"]["per_prompt"]) == len(results["held_out_after"]["per_prompt"]) == 4
+    paired = results["held_out_paired"]
+    assert paired["wins"] + paired["losses"] + paired["ties"] == 4
+
+
+def test_paired_comparison_by_hand():
+    import pytest
+
+    from tunelab.rollout.evaluate import paired_comparison
+
+    # differences +1, +2, +3, 0, -0.5: the zero is dropped; ranks of |d| = 0.5, 1, 2, 3 -> 1, 2, 3, 4;
+    # negative-rank sum 1 out of the 2**4 = 16 equally likely sign patterns, patterns with a sum <= 1:
+    # {} and {1} -> one-sided 2/16, two-sided p = 4/16 = 0.25 (exact test, as scipy uses for n < 50).
+    out = paired_comparison([0.0, 0.0, 0.0, 1.0, 1.0], [1.0, 2.0, 3.0, 1.0, 0.5])
+    assert out == {"mean_diff": pytest.approx(5.5 / 5), "wins": 3, "losses": 1, "ties": 1, "wilcoxon_p": 0.25}
+    assert paired_comparison([1.0, 2.0], [1.0, 2.0])["wilcoxon_p"] is None
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_comparison([1.0], [1.0, 2.0])
 
 
 def test_ppo_recipe_runs_with_value_head_and_kl(tmp_path, tiny_model_dir):

@@ -126,8 +126,8 @@ class RLConfig(StrictModel):
         "the KL penalty is not rescaled.",
     )
     value_lr: float | None = Field(
-        None, gt=0, description="PPO: learning rate of the value head (a fresh linear layer; null = train.lr). "
-        "The warmup/decay schedule applies to it too.",
+        None, gt=0, description="PPO: learning rate of the value head (a fresh linear layer; null = 10 x train.lr, "
+        "as both shipped PPO configs use). The warmup/decay schedule applies to it too.",
     )
     # GRPO
     scale_rewards: Literal["std", "none"] = Field(

@@ -65,8 +65,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     steps = num_rl_steps(config, len(session.train.prompts))
     rows = tc.batch_size * rl.num_generations
     optimizer = build_optimizer(model, tc)
-    optimizer.add_param_group({"params": list(value_head.parameters()), "lr": rl.value_lr or tc.lr,
-                               "weight_decay": 0.0})
+    optimizer.add_param_group(value_param_group(value_head, config))
     scheduler = build_scheduler(optimizer, tc, steps * rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows)))
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.adaptive_kl
               else FixedKLController(rl.kl_coef))
@@ -95,6 +94,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                       (before["reward"], after["reward"]) if before and after else None, steps)
     report_rl(console, results, output_dir)
     return results
+
+
+def value_param_group(value_head: ValueHead, config: Config) -> dict[str, Any]:
+    """The optimizer parameter group of the value head: ``rl.value_lr`` (default 10 × ``train.lr``), no decay."""
+    return {"params": list(value_head.parameters()), "lr": config.rl.value_lr or 10 * config.train.lr,
+            "weight_decay": 0.0}
 
 
 @torch.no_grad()

@@ -129,3 +129,14 @@ def test_held_out_prompts_that_are_also_training_prompts_are_dropped(tmp_path, t
     session = open_session(config, torch.device("cpu"), Console(quiet=True))
     assert [p.text for p in session.held_out] == ["What is 2 plus 2?"]
     assert session.num_held_out_in_train == 1
+
+
+def test_value_head_learning_rate_defaults_to_ten_times_the_policy_lr(tmp_path, tiny_model_dir):
+    from tunelab.models.value_head import ValueHead
+    from tunelab.recipes.ppo import value_param_group
+
+    rewards = [{"type": "exact_match"}]
+    head = ValueHead(8)
+    group = value_param_group(head, _config(tmp_path, tiny_model_dir, "ppo", rewards))
+    assert group["lr"] == 1e-2 and group["weight_decay"] == 0.0 and len(group["params"]) == 2  # train.lr 1e-3
+    assert value_param_group(head, _config(tmp_path, tiny_model_dir, "ppo", rewards, value_lr=5e-4))["lr"] == 5e-4

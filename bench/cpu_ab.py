@@ -7,11 +7,18 @@ Usage: ``python -m bench.cpu_ab`` (≈ 5 min on 2 cores; run under ``flock /tmp/
    alternating in one process (min of 4 steps each), fp32;
 3. one step's 8 examples (2,530 tokens) as rows ≤ 512 run one by one vs concatenated into one row
    (``sdpa_varlen``), fp32 and bf16 base.
+4. ``python -m bench.cpu_ab compile`` only (not in the default run): eager vs ``train.compile``
+   (tunelab's per-layer ``torch.compile``, inductor, dynamic shapes) on the same three concatenated
+   rows of different lengths (``sdpa_varlen``), fp32 and bf16 base: compile time of the first pass,
+   then the min of 2 passes each, and the number of compiled frames after the first and last pass
+   (equal = no recompiles). ≈ 3–4 min on 2 cores.
 Prints each pair and its ratio. Random token ids (attention and matmul cost do not depend on them).
+Sections: ``python -m bench.cpu_ab [matmul] [attention] [flatten] [compile]`` (default: the first three).
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import torch
@@ -98,12 +105,58 @@ def flatten_ab() -> None:
               f"row {t_one:.2f} s, speed-up {t_rows / t_one:.2f}x", flush=True)
 
 
+def row_loss(model, batch, bf16: bool) -> float:
+    """Loss (nats/token) of one batch, under the same autocast as :func:`step_fn`; no backward."""
+    from tunelab.models.causal_lm import lm_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        return float(lm_loss(model, batch, batch["input_ids"].numel())[0].detach())
+
+
+def compile_ab() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import tunelab.training.compile as compile_module
+
+    rows = [[480, 300], [450, 250, 100], [400, 350, 200]]  # 780, 800 and 950 tokens: a new length every step
+    for bf16 in (False, True):
+        model = lora_model(bf16)
+        batches = [packed(lens) for lens in rows]
+        total = sum(sum(lens) for lens in rows)
+        one_pass = step_fn(model, batches, bf16)
+        eager = best_of(one_pass, 2)
+        loss_eager = row_loss(model, batches[0], bf16)
+        counter = CompileCounterWithBackend("inductor")
+        compile_module.BACKEND = counter
+        with compile_module.compiled_layers(model, True):
+            start = time.perf_counter()
+            one_pass()
+            first = time.perf_counter() - start
+            frames_first = counter.frame_count
+            compiled = best_of(one_pass, 2)
+            frames_last = counter.frame_count
+            loss_compiled = row_loss(model, batches[0], bf16)  # with grad enabled: the training graph
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        print(f"{'bf16 base' if bf16 else 'fp32'}: 3 rows of 780/800/950 tokens (fwd+bwd), eager {eager:.2f} s "
+              f"({total / eager:.0f} tok/s), compiled {compiled:.2f} s ({total / compiled:.0f} tok/s), speed-up "
+              f"{eager / compiled:.2f}x; first compiled pass {first:.1f} s (compile included); compiled frames "
+              f"{frames_first} after the first pass, {frames_last} after all; loss on row 1 eager "
+              f"{loss_eager:.6f} compiled {loss_compiled:.6f}", flush=True)
+
+
+SECTIONS = {"matmul": matmul_rates, "attention": attention_ab, "flatten": flatten_ab, "compile": compile_ab}
+
+
 def main() -> None:
+    names = sys.argv[1:] or ["matmul", "attention", "flatten"]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 2 threads")
-    matmul_rates()
-    attention_ab()
-    flatten_ab()
+    for name in names:
+        SECTIONS[name]()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def two_rank(tmp_path_factory):
              resume_from=str(root / "fsdp_lora_packed" / "checkpoints" / "step-000002")),
         dict(EQUIVALENCE["ddp_full_packed"], name="ddp_to_fsdp_resume", strategy="fsdp", batch_size=4,
              output_dir=str(root / "r2"), resume_from=str(root / "ddp_full_packed" / "checkpoints" / "step-000002")),
+        dict(EQUIVALENCE["fsdp_lora_packed"], name="fsdp_lora_compiled", batch_size=4, output_dir=str(root / "c"),
+             save_every=None, compile=True),
     ]
     mp.start_processes(worker, args=(2, _free_port(), jobs, str(root)), nprocs=2, join=True, start_method="spawn")
     return root, {job["name"]: torch.load(root / f"{job['name']}.pt") for job in jobs}
@@ -87,6 +89,12 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank, tmp_path):
 def test_ddp_checkpoint_resumes_under_fsdp(two_rank):
     _, results = two_rank
     _assert_same(results["ddp_full_packed"], results["ddp_to_fsdp_resume"], range(3, 5))
+
+
+def test_two_rank_fsdp_with_compiled_layers_trains_like_eager(two_rank):
+    """train.compile under FSDP2: the compiled layer forwards sit inside FSDP's unshard/reshard hooks."""
+    _, results = two_rank
+    _assert_same(results["fsdp_lora_packed"], results["fsdp_lora_compiled"], range(1, 7))
 
 
 def test_sharded_checkpoint_layout(two_rank):

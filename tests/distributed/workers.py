@@ -1,7 +1,8 @@
 """Training jobs shared by the 1-process reference and the 2-process (gloo, CPU) runs.
 
 A job is a plain dict so it pickles into spawned workers: strategy, method, per-rank batch size,
-grad_accum, packing, steps, checkpoint cadence, optional resume path and gradient checkpointing.
+grad_accum, packing, steps, checkpoint cadence, optional resume path, gradient checkpointing and
+train.compile.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def run_job(job: dict, runtime=None) -> dict:
     if job.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     cfg = TrainConfig(max_steps=job["steps"], batch_size=job["batch_size"], grad_accum=job["grad_accum"], lr=1e-3,
-                      warmup_steps=1, save_every=job.get("save_every"), keep_last=5, max_grad_norm=0.5)
+                      warmup_steps=1, save_every=job.get("save_every"), keep_last=5, max_grad_norm=0.5,
+                      compile=job.get("compile", False))
     plan = sft_batch_plan(variable_length_examples(), batch_size=cfg.batch_size, max_seq_len=64,
                           packing=job["packing"], shuffle=True, seed=0, pad_token_id=0)
     resume = Path(job["resume_from"]) if job.get("resume_from") else None

@@ -153,6 +153,13 @@ class TrainConfig(StrictModel):
         "auto", description="'auto' = fp32 on CPU, bf16 autocast on GPU with bf16 support."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor, dynamic shapes) the forward of every decoder/encoder layer while "
+        "training (task sft, classification, reward, dpo). The first step pays the compile (SmolLM2-135M on 2 CPU "
+        "cores: 6-33 s extra, less with a warm inductor cache; on CPU a C++ compiler is needed); parameter names and "
+        "saved files are unchanged. Measured on CPU: 0.94-1.13x eager speed, no reliable gain; not measured on GPU.",
+    )
     cudnn_sdpa: Literal["auto", "on", "off"] = Field(
         "auto",
         description="cuDNN attention kernels for sdpa on CUDA. 'auto' turns them off for LoRA (measured on H200: "
@@ -209,6 +216,9 @@ class Config(StrictModel):
     def _check_cross_fields(self) -> Config:
         if self.train.method == "freeze" and not self.train.trainable_modules:
             raise ValueError("train.method=freeze needs train.trainable_modules (parameter-name substrings)")
+        if self.train.compile and self.task in ("ppo", "grpo"):
+            raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
+                             f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
         self._check_preference()

@@ -21,6 +21,10 @@ mask (``attention_mask`` given), a KV cache (query shorter than key), bidirectio
 Segment starts are read from ``position_ids`` with one small host copy per layer; that is free on
 CPU but a device sync per layer on CUDA, where ``auto`` therefore picks ``sdpa`` (and
 ``flash_attention_2`` is the varlen kernel to use).
+Under ``torch.compile`` (``train.compile``) the host-side split cannot be traced, so the compiled
+path calls the custom op ``tunelab::segment_attention`` instead, opaque to the compiler (no graph
+break, also inside a checkpointed layer); its backward recomputes the per-example attention
+(one extra attention forward per layer) and it refuses attention dropout.
 """
 
 from __future__ import annotations
@@ -87,11 +91,24 @@ def segment_causal_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = key.shape[1] != heads
+    if torch.compiler.is_compiling():  # train.compile: one opaque op, so the layer stays one graph
+        if dropout:
+            raise ValueError(f"{NAME} under torch.compile (train.compile) needs attention dropout 0, got {dropout}; "
+                             "set model.attn_implementation: sdpa or train.compile: false")
+        return torch.ops.tunelab.segment_attention(query, key, value, position_ids, scaling, gqa), None
+    return _segment_attention(query, key, value, position_ids, dropout, scaling, gqa), None
+
+
+def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
+                       dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
+    """Per-example causal attention of packed rows; shapes as in :func:`segment_causal_attention`,
+    returns the (B, T, H, D) contiguous output."""
+    batch = query.shape[0]
     position_ids = position_ids.expand(batch, -1)
     if batch > 1 and not bool((position_ids[:, 1:] == 0).any()):  # nothing packed: one batched causal call
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
                                              enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     rows = []
     for b in range(batch):
         bounds = segment_bounds(position_ids[b])
@@ -102,7 +119,56 @@ def segment_causal_attention(
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if batch == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+# Under torch.compile the per-example split (segment starts read on the host) cannot be traced, and a graph
+# break inside a checkpointed layer would leave the whole layer uncompiled. So the compiled path calls these two
+# custom ops instead: opaque to the compiler, with fake (shape-only) versions for tracing. The backward
+# recomputes the attention of each example (no attention probabilities are kept), so it costs one more
+# attention forward than eager autograd; dropout is not supported there (a recompute would draw new masks).
+@torch.library.custom_op("tunelab::segment_attention", mutates_args=())
+def _segment_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
+                          scaling: float | None, gqa: bool) -> torch.Tensor:
+    return _segment_attention(query, key, value, position_ids, 0.0, scaling, gqa)
+
+
+@_segment_attention_op.register_fake
+def _(query, key, value, position_ids, scaling, gqa):
+    batch, heads, length, dim = query.shape
+    return query.new_empty(batch, length, heads, dim)
+
+
+@torch.library.custom_op("tunelab::segment_attention_backward", mutates_args=())
+def _segment_attention_backward_op(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
+    scaling: float | None, gqa: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Custom ops run below autograd; torch.func.vjp differentiates with its own transform level.
+    _, vjp = torch.func.vjp(lambda q, k, v: _segment_attention(q, k, v, position_ids, 0.0, scaling, gqa),
+                            query, key, value)
+    return tuple(g.contiguous() for g in vjp(grad_out))
+
+
+@_segment_attention_backward_op.register_fake
+def _(grad_out, query, key, value, position_ids, scaling, gqa):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    query, key, value, position_ids, scaling, gqa = inputs
+    ctx.save_for_backward(query, key, value, position_ids)
+    ctx.scaling, ctx.gqa = scaling, gqa
+
+
+def _backward(ctx, grad_out):
+    query, key, value, position_ids = ctx.saved_tensors
+    grads = torch.ops.tunelab.segment_attention_backward(grad_out, query, key, value, position_ids, ctx.scaling,
+                                                         ctx.gqa)
+    return *grads, None, None, None
+
+
+_segment_attention_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def _segment_mask(*args, **kwargs) -> torch.Tensor | None:

@@ -33,6 +33,7 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import TrainState, clear_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
@@ -74,6 +75,9 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; writes ``metrics.jsonl`` and checkpoints under ``output_dir``.
 
+    With ``cfg.compile`` the model's layers run ``torch.compile``-d for the whole loop, evaluations
+    included (:mod:`tunelab.training.compile`); their eager forward is restored before ``fit`` returns.
+
     Args:
         runtime: from :func:`tunelab.training.distributed.init_distributed`; wraps ``model`` (DDP,
             FSDP) before the optimizer is built, and its ``device`` replaces ``device``. None = one
@@ -85,7 +89,8 @@ def fit(
 
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
-            checkpoint does not fit the model or the batch size.
+            checkpoint does not fit the model or the batch size; ``cfg.compile`` and
+            ``torch.compile`` failed (the message names ``train.compile``).
     """
     if runtime is None:
         if env_world_size() > 1:
@@ -114,7 +119,7 @@ def fit(
         if runtime.is_main else None
     batches = _BatchStream(plan)
     model.train()
-    with _progress(quiet or not runtime.is_main) as progress:
+    with compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -137,8 +142,8 @@ def fit(
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
                 save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
                                 runtime=runtime)
-    if evaluate:
-        _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
+        if evaluate:
+            _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
     save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)

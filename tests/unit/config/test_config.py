@@ -68,3 +68,17 @@ def test_dump_is_reloadable(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["train.lr=5e-5"])
     again = load_config(write(tmp_path, dump_config(config)))
     assert again == config
+
+
+def test_train_compile_is_off_by_default_and_validated(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).train.compile is False
+    assert load_config(write(tmp_path, MINIMAL), ["train.compile=true"]).train.compile is True
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), ["train.compile=fast"])
+    assert "train.compile" in str(err.value)
+
+
+def test_train_compile_is_refused_for_the_rl_tasks_that_do_not_use_it():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "grpo" / "arithmetic-exact-match.yaml", ["train.compile=true"])
+    assert "train.compile" in str(err.value) and "grpo" in str(err.value)

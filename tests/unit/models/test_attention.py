@@ -110,3 +110,21 @@ def test_segment_attention_equals_explicit_block_causal_softmax():
     expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vv
     assert out.shape == (1, 9, 4, 8)
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
+
+
+def test_compiled_path_custom_op_is_consistent_with_its_fake_and_autograd():
+    """The op train.compile uses for sdpa_varlen: schema, fake (shape-only) kernel and autograd
+    registration checked by torch.library.opcheck, and its gradients equal the eager path's."""
+    from tunelab.models.attention import _segment_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True) for _ in range(2))
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    torch.library.opcheck(torch.ops.tunelab.segment_attention, (q, k, v, position_ids, None, True))
+    grad_out = torch.randn(1, 9, 4, 8, generator=gen)
+    op_grads = torch.autograd.grad(torch.ops.tunelab.segment_attention(q, k, v, position_ids, None, True),
+                                   (q, k, v), grad_out)
+    eager_grads = torch.autograd.grad(_segment_attention(q, k, v, position_ids, 0.0, None, True), (q, k, v), grad_out)
+    for a, b in zip(op_grads, eager_grads):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -109,6 +109,29 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, method):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+def test_a_finished_run_resumed_for_more_steps_continues_at_the_new_schedules_rate(tmp_path, monkeypatch):
+    """Resuming step 4 of a 4-step run with max_steps=8: step 5 must use the 8-step schedule's rate
+    (cosine, 1 warmup step), not the 0 that the finished 4-step schedule left in the optimizer."""
+    run(tmp_path, 4)
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    losses, _ = run(tmp_path, 8, resume_from=tmp_path / "checkpoints" / "step-000004")
+    assert used == pytest.approx([1e-2 * lr_multiplier(s, 8, 1, "cosine") for s in range(4, 8)])
+    assert used[0] > 0
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    run(tmp_path, 4)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert [r["lr"] for r in lines] == pytest.approx([1e-2 * lr_multiplier(s, 4, 1, "cosine") for s in range(4)])
+
+
 def test_checkpoints_are_complete_and_pruned(tmp_path):
     run(tmp_path, 6)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

@@ -124,6 +124,7 @@ def fit(
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
             started = time.perf_counter()
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             record = _optimizer_step(wrapped, [batches.get(i) for i in indices], compute_loss, count_units,
                                      optimizer, cfg, device, runtime)
             scheduler.step()
@@ -131,7 +132,7 @@ def fit(
             state.micro_batches += cfg.grad_accum * runtime.world_size
             elapsed = time.perf_counter() - started
             record.update(step=state.step, epoch=round(state.micro_batches / plan.micro_batches_per_epoch, 3),
-                          lr=optimizer.param_groups[0]["lr"], step_s=round(elapsed, 4),
+                          lr=step_lr, step_s=round(elapsed, 4),
                           tokens_per_s=round(record["tokens"] / elapsed, 1))
             if log and (state.step % cfg.log_every == 0 or state.step == num_steps):
                 log.write(record)
@@ -162,6 +163,11 @@ def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: 
               f"({runtime.world_size} ranks × grad_accum {cfg.grad_accum}); set train.grad_accum="
               f"{old / runtime.world_size:g} to keep the same global batch")
     state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, per_step
+    # The optimizer's restored rates follow the checkpointed run's schedule; when this run has another
+    # length (a finished run resumed with a larger train.max_steps), they would hold for one step (e.g.
+    # 0 at the end of a decay). Set them from this run's schedule at the resumed step.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     return state
 
 

@@ -27,7 +27,7 @@ HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label"
 class ClassificationConfig(BaseModel):
     """Sequence classification / regression settings (read by ``recipes/classify.py``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     text_field: str = Field("text", description="Column holding the text to classify.")
     text_pair_field: str | None = Field(

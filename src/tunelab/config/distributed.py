@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class DistributedConfig(BaseModel):
     """Data-parallel (DDP) or sharded (FSDP2) training on ``torch.distributed``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",

@@ -87,6 +87,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
         elif e["type"] == "missing":
             lines.append(f"  missing required key '{key}'")
+        elif isinstance(e.get("input"), dict):  # a check across keys: its message names them; the section is not echoed
+            lines.append(f"  {'.'.join(loc) + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

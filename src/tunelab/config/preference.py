@@ -23,7 +23,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 class PreferenceConfig(BaseModel):
     """Preference-training settings (``preference:`` section of a config)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     loss: PreferenceLossName = Field(
         "dpo",

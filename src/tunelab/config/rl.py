@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class StrictModel(BaseModel):
     """Same policy as ``tunelab.config.schema.StrictModel`` (defined here too: schema imports this module)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ExactMatchReward(StrictModel):
@@ -63,7 +63,8 @@ class RewardModelReward(StrictModel):
 
     type: Literal["reward_model"] = Field(description="Reward kind: exact_match, regex, length_penalty, reward_model or python.")
     weight: float = Field(1.0, description="Multiplies this reward before rewards are summed.")
-    run_dir: str = Field(description="Finished reward-model run directory, e.g. runs/rm.")
+    run_dir: str = Field(description="Finished reward-model run directory (task: reward), e.g. runs/rm; a relative "
+                         "path starts from the working directory tunelab is run in.")
     batch_size: int = Field(16, ge=1, description="Sequences per reward-model forward pass.")
 
 

@@ -20,7 +20,7 @@ from tunelab.config.rl import RLConfig
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are rejected, assignments re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):

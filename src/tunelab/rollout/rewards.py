@@ -162,15 +162,35 @@ def _python(spec: PythonReward) -> Callable[[RewardInputs], list[float]]:
     return call
 
 
-def _reward_model(spec: RewardModelReward, device: torch.device) -> Callable[[RewardInputs], list[float]]:
+def _reward_model(spec: RewardModelReward, device: torch.device, key: str) -> Callable[[RewardInputs], list[float]]:
+    """Scorer of a reward-model run; ``key`` (e.g. ``rl.rewards[0].run_dir``) names the config entry in errors.
+
+    Raises:
+        RewardError: the directory is missing, is not a run or model directory, is a tunelab run of
+            another kind (an SFT or PPO run: its task_type is not SEQ_CLS), or its head has more than
+            one output (a classifier, not a reward model).
+    """
     from transformers import AutoModelForSequenceClassification
 
+    from tunelab.errors import ModelLoadError
     from tunelab.models.heads import sequence_logits
-    from tunelab.models.run import load_run
+    from tunelab.models.run import load_run, read_run_info
 
+    where = f"{key}={spec.run_dir}"
     if not Path(spec.run_dir).is_dir():
-        raise RewardError(f"reward_model: run directory not found: {spec.run_dir} (train one with task: reward)")
+        raise RewardError(f"{where}: run directory not found (relative paths start from the working directory "
+                          f"{Path.cwd()}; train one with task: reward)")
+    try:
+        info = read_run_info(spec.run_dir)
+    except ModelLoadError as exc:
+        raise RewardError(f"{where}: {exc}") from exc
+    if "task_type" in info and info["task_type"] != "SEQ_CLS":
+        raise RewardError(f"{where} is a tunelab run with task_type {info['task_type']}, not a reward model "
+                          "(train one with task: reward)")
     model, tokenizer, _ = load_run(spec.run_dir, auto_class=AutoModelForSequenceClassification)
+    if model.config.num_labels != 1:
+        raise RewardError(f"{where}: its head has {model.config.num_labels} outputs (a classifier); a reward model "
+                          "scores with one (train one with task: reward)")
     model.to(device).eval().requires_grad_(False)
 
     def render(messages: list[dict[str, str]], prompt: str, completion: str) -> str:
@@ -203,7 +223,7 @@ def build_reward_terms(specs: list[RewardSpec], device: torch.device = torch.dev
         elif isinstance(spec, LengthPenaltyReward):
             name, fn = "length_penalty", _length_penalty(spec)
         elif isinstance(spec, RewardModelReward):
-            name, fn = "reward_model", _reward_model(spec, device)
+            name, fn = "reward_model", _reward_model(spec, device, f"rl.rewards[{i}].run_dir")
         else:
             name, fn = spec.function.rpartition(":")[2], _python(spec)
         if any(t.name == name for t in terms):

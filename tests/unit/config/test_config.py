@@ -82,3 +82,11 @@ def test_train_compile_is_refused_for_the_rl_tasks_that_do_not_use_it():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "grpo" / "arithmetic-exact-match.yaml", ["train.compile=true"])
     assert "train.compile" in str(err.value) and "grpo" in str(err.value)
+    assert "{'task'" not in str(err.value) and "Value error" not in str(err.value)  # the config is not echoed back
+
+
+@pytest.mark.parametrize("override", ["rl.value_lr=inf", "rl.kl_coef=nan", "train.lr=inf", "train.max_grad_norm=nan"])
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    """A bound like lr > 0 accepts inf unless finiteness is required; inf lr trained a NaN model before."""
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ": Input should be a finite"):
+        load_config(ROOT / "configs" / "ppo" / "drug-review-ppo.yaml", [override])

@@ -110,8 +110,41 @@ def test_reward_model_run_dir_missing_is_a_clear_error(tmp_path):
     from tunelab.config.rl import RewardModelReward
     from tunelab.rollout.rewards import RewardError, build_reward_terms
 
-    with pytest.raises(RewardError, match="run directory not found: .*nope.*task: reward"):
+    with pytest.raises(RewardError, match=r"rl.rewards\[0\].run_dir=.*nope: run directory not found.*task: reward"):
         build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "nope"))])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RewardError, match=r"rl.rewards\[0\].run_dir=.*empty: .*not a tunelab run"):
+        build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(tmp_path / "empty"))])
+
+
+def test_a_run_that_is_not_a_reward_model_is_refused(tmp_path, tiny_model_dir, smollm2_tokenizer):
+    """An SFT/PPO run (causal LM) or a 3-class classifier would be loaded with a fresh or wrong head."""
+    import json as _json
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tunelab.config.rl import RewardModelReward
+    from tunelab.rollout.rewards import RewardError, build_reward_terms
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "tunelab.json").write_text(_json.dumps({"method": "full", "base_model": "x", "task_type": "CAUSAL_LM"}))
+    with pytest.raises(RewardError, match=r"rl.rewards\[1\].run_dir=.*sft is a tunelab run with task_type CAUSAL_LM"):
+        build_reward_terms([_exact(), RewardModelReward(type="reward_model", run_dir=str(sft))])
+    classifier = tmp_path / "classifier"
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=smollm2_tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_labels=3,
+        pad_token_id=smollm2_tokenizer.pad_token_id)).save_pretrained(classifier)
+    smollm2_tokenizer.save_pretrained(classifier)
+    with pytest.raises(RewardError, match="head has 3 outputs"):
+        build_reward_terms([RewardModelReward(type="reward_model", run_dir=str(classifier))])
+
+
+def _exact():
+    from tunelab.config.rl import ExactMatchReward
+
+    return ExactMatchReward(type="exact_match")
 
 
 def test_held_out_prompts_that_are_also_training_prompts_are_dropped(tmp_path, tiny_model_dir):

@@ -132,6 +132,31 @@ def test_logged_lr_is_the_rate_each_step_used(tmp_path):
     assert [r["lr"] for r in lines] == pytest.approx([1e-2 * lr_multiplier(s, 4, 1, "cosine") for s in range(4)])
 
 
+def test_a_nan_loss_stops_training_before_any_update_or_checkpoint(tmp_path):
+    """Steps 1-2 train and checkpoint; step 3's loss is NaN: a clear error, weights and checkpoints intact."""
+    from tunelab.errors import TunelabError
+
+    model = make_tiny_llama()
+    cfg = TrainConfig(max_steps=4, batch_size=2, grad_accum=1, lr=1e-2, save_every=2, keep_last=1)
+    plan = sft_batch_plan(examples(), batch_size=2, max_seq_len=64, packing=True, shuffle=False, seed=0,
+                          pad_token_id=0)
+    calls, snapshot = [], {}
+
+    def loss_fn(m, b, n):
+        calls.append(1)
+        loss, metrics = lm_loss(m, b, n)
+        if len(calls) == 3:
+            snapshot.update({k: v.detach().clone() for k, v in m.named_parameters()})
+            return loss * float("nan"), metrics
+        return loss, metrics
+
+    with pytest.raises(TunelabError, match="step 3: the gradient norm is nan"):
+        fit(model, plan, loss_fn, lambda b: b["num_supervised"], cfg, tmp_path, "cfg", quiet=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, snapshot[name]), name
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
 def test_checkpoints_are_complete_and_pruned(tmp_path):
     run(tmp_path, 6)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

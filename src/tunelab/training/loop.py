@@ -126,7 +126,7 @@ def fit(
             started = time.perf_counter()
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             record = _optimizer_step(wrapped, [batches.get(i) for i in indices], compute_loss, count_units,
-                                     optimizer, cfg, device, runtime)
+                                     optimizer, cfg, device, runtime, state.step + 1)
             scheduler.step()
             state.step += 1
             state.micro_batches += cfg.grad_accum * runtime.world_size
@@ -171,7 +171,13 @@ def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: 
     return state
 
 
-def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, device, runtime) -> dict[str, Any]:
+def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, device, runtime,
+                    step: int) -> dict[str, Any]:
+    """Forward/backward over one accumulated batch, clip, step. ``step`` (1-based) only names errors.
+
+    Raises:
+        TunelabError: the gradient norm is not finite (a NaN/inf loss or gradient): nothing is updated.
+    """
     normalizer = int(runtime.sum([sum(count_units(b) for b in micro)])[0])
     if normalizer == 0:
         raise RuntimeError("an accumulated batch has no supervised units; the data pipeline should have dropped it")
@@ -187,6 +193,12 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     grad_norm = _clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], cfg.max_grad_norm)
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TunelabError(
+            f"step {step}: the gradient norm is {grad_norm} (summed loss {total_loss:.6g}); no update was applied "
+            "and no checkpoint written for this step, earlier checkpoints are untouched. Lower train.lr, set "
+            "train.max_grad_norm, or use train.precision=fp32, then --resume from the last checkpoint")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})

@@ -173,3 +173,18 @@ def test_value_head_learning_rate_defaults_to_ten_times_the_policy_lr(tmp_path, 
     group = value_param_group(head, _config(tmp_path, tiny_model_dir, "ppo", rewards))
     assert group["lr"] == 1e-2 and group["weight_decay"] == 0.0 and len(group["params"]) == 2  # train.lr 1e-3
     assert value_param_group(head, _config(tmp_path, tiny_model_dir, "ppo", rewards, value_lr=5e-4))["lr"] == 5e-4
+
+
+def test_rl_optimizer_step_refuses_a_non_finite_gradient():
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.rollout.batch import optimizer_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    (weight * float("inf")).sum().backward()
+    with pytest.raises(TunelabError, match="gradient norm is (inf|nan); no update"):
+        optimizer_step(optimizer, scheduler, 1.0)
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None

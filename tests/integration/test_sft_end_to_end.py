@@ -34,7 +34,7 @@ eval: {{sample_questions: 1, max_new_tokens: 8}}
 
 def test_run_dir_is_complete(run_dir):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
-                 "tunelab.json", "metrics.jsonl", "loss_curve.png"):
+                 "tunelab.json", "metrics.jsonl", "loss_curve.png", "before_training.json"):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "tunelab.json").read_text())
     assert info["results"]["held_out_before"]["loss"] > 0 and info["results"]["steps"] == 2
@@ -71,8 +71,13 @@ def test_chat_one_shot(run_dir):
 
 def test_resume_continues_from_checkpoint(run_dir):
     config = run_dir / "config.yaml"
+    first = json.loads((run_dir / "tunelab.json").read_text())["results"]
     result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "train.max_steps=3", "--resume"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == [1, 2, 3]
+    resumed = json.loads((run_dir / "tunelab.json").read_text())["results"]
+    # measured before the first segment's first step, not again: kept, not lost
+    assert first["held_out_before"] and resumed["held_out_before"] == first["held_out_before"]
+    assert [s["before"] for s in resumed["samples"]] == [s["before"] for s in first["samples"]]

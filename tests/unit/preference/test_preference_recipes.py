@@ -290,3 +290,13 @@ def test_resuming_a_finished_run_changes_nothing_and_says_why(tmp_path, tiny_mod
         train(config, resume=True, console=QUIET)
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert after == before
+
+
+@pytest.mark.parametrize("task", ["reward", "dpo"])
+def test_a_run_resumed_for_more_steps_keeps_its_before_training_results(tmp_path, tiny_model_dir, task):
+    import importlib
+
+    train = importlib.import_module(f"tunelab.recipes.{task}").train
+    first = train(make_config(tmp_path, tiny_model_dir, task, train={"max_steps": 2}), console=QUIET)
+    resumed = train(make_config(tmp_path, tiny_model_dir, task, train={"max_steps": 3}), resume=True, console=QUIET)
+    assert first["held_out_before"] and resumed["held_out_before"] == first["held_out_before"]

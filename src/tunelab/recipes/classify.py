@@ -41,7 +41,7 @@ from tunelab.models.linear_probe import init_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, count_parameters, load_before_training, save_before_training, seed_everything, setup_trainable,
+    before_training, check_output_dir, count_parameters, seed_everything, setup_trainable,
 )
 from tunelab.training.loop import fit, total_steps
 from tunelab.training.metrics import plot_loss_curve
@@ -94,12 +94,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     else:
         probe = None
 
-    if resume_from is None:
-        before = evaluate_full() if eval_batches and config.eval.before_training else None
-        save_before_training(output_dir, {"linear_probe": probe, "held_out_before": before})
-    else:  # measured by the run's first segment, before its weights changed
-        kept = load_before_training(output_dir)
-        probe, before = kept.get("linear_probe"), kept.get("held_out_before")
+    kept = before_training(output_dir, resume_from, lambda: {
+        "linear_probe": probe,
+        "held_out_before": evaluate_full() if eval_batches and config.eval.before_training else None})
+    probe, before = kept.get("linear_probe"), kept.get("held_out_before")
     if before:
         console.print("[bold]before[/] " + _fmt(scalar_metrics(before)))
 

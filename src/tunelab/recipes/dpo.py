@@ -43,7 +43,7 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
 from tunelab.models.run import load_run, save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, count_parameters, load_before_training, save_before_training, seed_everything,
+    before_training, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
 )
 from tunelab.recipes.reward import wilson_interval
@@ -81,13 +81,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         return evaluate_preference(model, eval_batches, reference, pc, device, tc.precision)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
-    if resume_from is None:
-        answers_before = _answers(model, tokenizer, prompts, config)
-        before = evaluate() if eval_batches and config.eval.before_training else None
-        save_before_training(output_dir, {"held_out_before": before, "answers_before": answers_before})
-    else:  # measured by the run's first segment, before its weights changed
-        kept = load_before_training(output_dir)
-        before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
+    kept = before_training(output_dir, resume_from, lambda: {
+        "answers_before": _answers(model, tokenizer, prompts, config),
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None})
+    before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
     if before:
         console.print("[bold]before[/] " + _fmt(before))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,28 +58,29 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
 
 # Names only tunelab writes into an output_dir; one of them marks the directory as a run's (perhaps one
 # interrupted before its first checkpoint), which --overwrite may replace.
-RUN_MARKERS = ("tunelab.json", "checkpoints", "metrics.jsonl", "reference_logps", "before_training.json")
-
 BEFORE_TRAINING = "before_training.json"
+RUN_MARKERS = ("tunelab.json", "checkpoints", "metrics.jsonl", "reference_logps", BEFORE_TRAINING)
 
 
-def save_before_training(output_dir: Path, record: dict[str, Any]) -> None:
-    """Keep what a run measured before its first step (held-out metrics, sample answers, probe info).
+def before_training(output_dir: Path, resume_from: Path | None, measure: Callable[[], dict[str, Any]], *,
+                    write: bool = True) -> dict[str, Any]:
+    """What a run measured before its first step (held-out metrics, sample answers, probe info).
 
-    A resumed run does not measure them again (the weights are no longer the starting ones), so
-    :func:`load_before_training` gives them back and the final ``tunelab.json`` still holds them.
-    Written aside and renamed into place.
+    A fresh run calls ``measure()`` now and keeps its JSON-ready record in ``before_training.json``
+    (written aside and renamed into place; ``write=False`` on non-main ranks). A resumed run does
+    not measure again (its weights are no longer the starting ones): the record is read back, so
+    the final ``tunelab.json`` still holds it; ``{}`` for a run from before this file existed.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{BEFORE_TRAINING}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(output_dir / BEFORE_TRAINING)
-
-
-def load_before_training(output_dir: Path) -> dict[str, Any]:
-    """The record :func:`save_before_training` wrote, or ``{}`` (a run from before this file existed)."""
     path = output_dir / BEFORE_TRAINING
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if resume_from is not None:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    record = measure()
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / f".{BEFORE_TRAINING}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+    return record
 
 
 def _refuse_foreign_dir(output_dir: Path) -> None:

@@ -36,7 +36,7 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, count_parameters, load_before_training, save_before_training, seed_everything,
+    before_training, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit
@@ -87,12 +87,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         probe["seconds"] = round(time.perf_counter() - probe_started, 1)
         console.print(f"[bold]linear probe[/] head initialized from frozen features: {probe}")
 
-    if resume_from is None:
-        before = evaluate() if eval_batches and config.eval.before_training else None
-        save_before_training(output_dir, {"linear_probe": probe, "held_out_before": before})
-    else:  # measured by the run's first segment, before its weights changed
-        kept = load_before_training(output_dir)
-        probe, before = kept.get("linear_probe"), kept.get("held_out_before")
+    kept = before_training(output_dir, resume_from, lambda: {
+        "linear_probe": probe,
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None})
+    probe, before = kept.get("linear_probe"), kept.get("held_out_before")
     if before:
         console.print(f"[bold]before[/] held-out pairwise accuracy {_fmt_acc(before)}  margin {before['margin']:+.4f}")
     saved_modules = heads if tc.method == "lora" else []

@@ -27,7 +27,7 @@ from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    check_output_dir, configure_attention_backends, count_parameters, load_before_training, save_before_training,
+    before_training, check_output_dir, configure_attention_backends, count_parameters,
     seed_everything, setup_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit
@@ -72,14 +72,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                            chunk_size=tc.ce_chunk_size)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
-    if resume_from is None:
-        before = evaluate() if eval_batches and config.eval.before_training else None
-        answers_before = _answers(model, tokenizer, prompts, config)
-        if runtime.is_main:
-            save_before_training(output_dir, {"held_out_before": before, "answers_before": answers_before})
-    else:  # measured by the run's first segment, before its weights changed
-        kept = load_before_training(output_dir)
-        before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
+    kept = before_training(output_dir, resume_from, lambda: {
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None,
+        "answers_before": _answers(model, tokenizer, prompts, config)}, write=runtime.is_main)
+    before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
     if before:
         console.print(f"[bold]before[/] held-out loss {before['loss']:.4f}  ppl {before['ppl']:.2f}")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from tunelab.config.base import StrictModel
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 
@@ -24,10 +26,8 @@ HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label"
                     "regression": "regression"}
 
 
-class ClassificationConfig(BaseModel):
+class ClassificationConfig(StrictModel):
     """Sequence classification / regression settings (read by ``recipes/classify.py``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     text_field: str = Field("text", description="Column holding the text to classify.")
     text_pair_field: str | None = Field(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tunelab.config.base import StrictModel
 
 
-class DistributedConfig(BaseModel):
+class DistributedConfig(StrictModel):
     """Data-parallel (DDP) or sharded (FSDP2) training on ``torch.distributed``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",

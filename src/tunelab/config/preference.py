@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from tunelab.config.base import StrictModel
 
 PreferenceLossName = Literal["dpo", "ipo", "hinge", "simpo", "orpo"]
 # beta when the config does not set one: SimPO's beta is a length-normalized reward scale (2.0);
@@ -20,10 +22,8 @@ DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo":
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-class PreferenceConfig(BaseModel):
+class PreferenceConfig(StrictModel):
     """Preference-training settings (``preference:`` section of a config)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     loss: PreferenceLossName = Field(
         "dpo",

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StrictModel(BaseModel):
-    """Same policy as ``tunelab.config.schema.StrictModel`` (defined here too: schema imports this module)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from tunelab.config.base import StrictModel
 
 
 class ExactMatchReward(StrictModel):

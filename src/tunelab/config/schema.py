@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from tunelab.config.base import StrictModel
 from tunelab.config.classification import ClassificationConfig
 from tunelab.config.distributed import DistributedConfig
 from tunelab.config.preference import PreferenceConfig
 from tunelab.config.rl import RLConfig
-
-
-class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are rejected, assignments re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):

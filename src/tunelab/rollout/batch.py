@@ -6,7 +6,6 @@ which is what :func:`tunelab.losses.advantages.grpo_advantages` expects.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -15,10 +14,10 @@ import torch
 from torch import nn
 
 from tunelab.config.rl import RLConfig
-from tunelab.errors import TunelabError
 from tunelab.rollout.generate import sample_completions
 from tunelab.rollout.prompts import Prompt, collate_prompts
 from tunelab.rollout.rewards import RewardInputs
+from tunelab.training.optim import checked_step
 
 
 @dataclass
@@ -111,18 +110,12 @@ def accumulate(
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Clip the gradient norm (if set), step optimizer and scheduler, zero grads; returns the pre-clip norm.
+    """:func:`~tunelab.training.optim.checked_step` then the scheduler; returns the pre-clip norm.
 
     Raises:
         TunelabError: the gradient norm is not finite; nothing is updated (the weights stay finite).
     """
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf")) if params else 0.0
-    if not math.isfinite(float(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise TunelabError(f"RL update: the gradient norm is {float(norm)}; no update was applied. Lower train.lr "
-                           "or set train.max_grad_norm")
-    optimizer.step()
+    norm = checked_step(optimizer, max_grad_norm, where="RL update",
+                        advice="lower train.lr or set train.max_grad_norm")
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm

@@ -36,7 +36,7 @@ from tunelab.training.checkpoint import TrainState, clear_checkpoints, load_chec
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
-from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
 from tunelab.training.precision import autocast
 
 Batch = dict[str, Any]
@@ -192,37 +192,16 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
         total_loss += float(loss.detach())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    grad_norm = _clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], cfg.max_grad_norm)
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise TunelabError(
-            f"step {step}: the gradient norm is {grad_norm} (summed loss {total_loss:.6g}); no update was applied "
-            "and no checkpoint written for this step, earlier checkpoints are untouched. Lower train.lr, set "
-            "train.max_grad_norm, or use train.precision=fp32, then --resume from the last checkpoint")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = checked_step(
+        optimizer, cfg.max_grad_norm, where=f"step {step}", detail=f" (summed loss {total_loss:.6g})",
+        advice="no checkpoint was written for this step and earlier ones are untouched. Lower train.lr, set "
+               "train.max_grad_norm, or use train.precision=fp32, then --resume from the last checkpoint")
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
     record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
               "tokens": int(totals.pop("tokens")), "units": normalizer}
     record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
     return record
 
-
-def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
-    """Global L2 norm of the gradients (before clipping), clipped to ``max_norm`` if given.
-
-    Works on plain and FSDP-sharded (``DTensor``) gradients: the norm of sharded gradients is
-    reduced over ranks before it is used.
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
 
 
 def _log_eval(evaluate, wrapped, model, log: MetricsLog | None, step: int, progress) -> None:

@@ -1,4 +1,4 @@
-"""AdamW with no-decay parameter groups, and warmup + decay learning-rate schedules."""
+"""AdamW with no-decay parameter groups, warmup + decay learning-rate schedules, and the clipped, checked step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
+from tunelab.errors import TunelabError
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -59,3 +60,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule)
     )
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients (before clipping), clipped to ``max_norm`` if given.
+
+    Parameters without a gradient are skipped. Works on plain and FSDP-sharded (``DTensor``)
+    gradients: the norm of sharded gradients is reduced over ranks before it is used.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def checked_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None, *, where: str, advice: str,
+                 detail: str = "") -> float:
+    """Clip the gradients (:func:`clip_grad_norm`), step the optimizer and zero the gradients.
+
+    Returns the pre-clip gradient norm. The learning-rate scheduler is the caller's to step.
+
+    Raises:
+        TunelabError: the gradient norm is not finite (a NaN/inf loss or gradient). The gradients
+            are cleared and nothing is updated, so the weights stay finite; the message reads
+            ``"{where}: the gradient norm is {norm}{detail}; no update was applied, {advice}"``.
+    """
+    norm = clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TunelabError(f"{where}: the gradient norm is {norm}{detail}; no update was applied, {advice}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

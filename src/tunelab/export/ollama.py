@@ -31,6 +31,7 @@ class TurnFormat:
     suffix: dict[str, str]
     generation_prompt: str
     default_system: str | None
+    start: str = ""  # text before the first message: the BOS text, unless llama.cpp adds BOS itself
 
 
 def turn_format(tokenizer: Any) -> TurnFormat:
@@ -47,13 +48,13 @@ def turn_format(tokenizer: Any) -> TurnFormat:
     convo = [{"role": "system", "content": m["system"]}, {"role": "user", "content": m["user"]},
              {"role": "assistant", "content": m["assistant"]}, {"role": "user", "content": m["user2"]}]
     text = _render(tokenizer, convo, True)
-    head, rest = text.split(m["system"])
-    gap_su, rest = rest.split(m["user"])
-    gap_ua, rest = rest.split(m["assistant"])
-    gap_au, tail = rest.split(m["user2"])
-    bos = tokenizer.bos_token or ""
-    if bos and head.startswith(bos) and _adds_bos(tokenizer):
-        head = head[len(bos):]  # llama.cpp adds BOS itself
+    head, rest = _split_once(text, m["system"])
+    gap_su, rest = _split_once(rest, m["user"])
+    gap_ua, rest = _split_once(rest, m["assistant"])
+    gap_au, tail = _split_once(rest, m["user2"])
+    bos, start = tokenizer.bos_token or "", ""
+    if bos and head.startswith(bos):
+        head, start = head[len(bos):], "" if _adds_bos(tokenizer) else bos  # else llama.cpp adds BOS itself
     suffix_s, prefix_u = _cut(gap_su, eot)
     suffix_u, prefix_a = _cut(gap_ua, eot)
     suffix_a, prefix_u2 = _cut(gap_au, eot)
@@ -61,19 +62,19 @@ def turn_format(tokenizer: Any) -> TurnFormat:
         raise TunelabError("the chat template renders turns differently by position; no Ollama template derived")
     fmt = TurnFormat({"system": head, "user": prefix_u, "assistant": prefix_a},
                      {"system": suffix_s, "user": suffix_u, "assistant": suffix_a},
-                     tail[len(suffix_u):], None)
+                     tail[len(suffix_u):], None, start)
     check = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
              {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
     if _strip_bos(_render(tokenizer, check, True), tokenizer) != render_turns(fmt, check):
         raise TunelabError("the chat template's turns do not split into role prefixes and suffixes; "
                            "no Ollama template derived")
-    return TurnFormat(fmt.prefix, fmt.suffix, fmt.generation_prompt, _default_system(tokenizer, fmt))
+    return TurnFormat(fmt.prefix, fmt.suffix, fmt.generation_prompt, _default_system(tokenizer, fmt), start)
 
 
 def render_turns(fmt: TurnFormat, messages: list[dict[str, str]]) -> str:
     """What the derived Go template renders for ``messages`` (the same concatenation, in Python)."""
     text = "".join(fmt.prefix[m["role"]] + m["content"] + fmt.suffix[m["role"]] for m in messages)
-    return text + fmt.generation_prompt
+    return fmt.start + text + fmt.generation_prompt
 
 
 def go_template(fmt: TurnFormat) -> str:
@@ -86,7 +87,7 @@ def go_template(fmt: TurnFormat) -> str:
     branches = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
                        f"{lit(fmt.prefix[role])}{{{{ .Content }}}}{lit(fmt.suffix[role])}"
                        for i, role in enumerate(("system", "user", "assistant")))
-    return f"{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{lit(fmt.generation_prompt)}"
+    return f"{lit(fmt.start)}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{lit(fmt.generation_prompt)}"
 
 
 def modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None = None) -> str:
@@ -116,8 +117,10 @@ def _cut(gap: str, eot: str) -> tuple[str, str]:
 
 def _default_system(tokenizer: Any, fmt: TurnFormat) -> str | None:
     """The system message the template inserts into a conversation without one, if any."""
-    text = _strip_bos(_render(tokenizer, [{"role": "user", "content": _MARK["user"]}], True), tokenizer)
+    text = _render(tokenizer, [{"role": "user", "content": _MARK["user"]}], True)
     head = text[: text.index(_MARK["user"])]
+    bos = tokenizer.bos_token or ""
+    head = head[len(bos):] if bos and head.startswith(bos) else head
     if head == fmt.prefix["user"]:
         return None
     start, end = fmt.prefix["system"], fmt.suffix["system"] + fmt.prefix["user"]
@@ -126,8 +129,20 @@ def _default_system(tokenizer: Any, fmt: TurnFormat) -> str | None:
     raise TunelabError("the chat template adds text before the first user turn that is not a system turn")
 
 
+def _split_once(text: str, mark: str) -> tuple[str, str]:
+    parts = text.split(mark)
+    if len(parts) != 2:
+        raise TunelabError("the chat template does not write each message once, in its own turn "
+                           "(e.g. it folds the system message into a user turn); no Ollama template derived")
+    return parts[0], parts[1]
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # a template's own raise_exception / jinja errors
+        raise TunelabError(f"the chat template fails on a system/user/assistant conversation ({err}); "
+                           "no Ollama template derived") from err
 
 
 def _adds_bos(tokenizer: Any) -> bool:

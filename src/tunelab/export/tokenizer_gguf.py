@@ -32,7 +32,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 # llama.cpp pre-tokenizer name -> the HF pre-tokenizer definition it reproduces (from tokenizer.json).
 PRE_TOKENIZERS: dict[str, Any] = {
-    "gpt2": {"type": "ByteLevel", "use_regex": True},
+    "gpt-2": {"type": "ByteLevel", "use_regex": True},
     "smollm": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}],
     "qwen2": [{"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}}, {"type": "ByteLevel", "use_regex": False}],
     "llama-bpe": [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}}, {"type": "ByteLevel", "use_regex": False}],

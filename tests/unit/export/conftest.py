@@ -15,10 +15,10 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def make_byte_bpe_tokenizer(pre: str = "gpt2", vocab_size: int = 400):
+def make_byte_bpe_tokenizer(pre: str = "gpt-2", vocab_size: int = 400):
     """A trained byte-level BPE (GPT-2 alphabet) with ChatML specials and one user-defined added token.
 
-    ``pre``: ``gpt2`` (ByteLevel with its own regex, as SmolLM2) or ``qwen2`` (Qwen2's Split regex).
+    ``pre``: ``gpt-2`` (ByteLevel with its own regex, as SmolLM2) or ``qwen2`` (Qwen2's Split regex).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -26,7 +26,7 @@ def make_byte_bpe_tokenizer(pre: str = "gpt2", vocab_size: int = 400):
     from tunelab.export.tokenizer_gguf import PRE_TOKENIZERS
 
     backend = Tokenizer(models.BPE())
-    if pre == "gpt2":
+    if pre == "gpt-2":
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         regex = PRE_TOKENIZERS[pre][0]["pattern"]["Regex"]

@@ -25,6 +25,8 @@ def register(app: typer.Typer, console: Console) -> None:
         quant: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, ... or a K-quant (q4_k_m, q5_k_m, q6_k).")] = "f16",
         ollama: Annotated[bool, typer.Option(help="Also write an Ollama Modelfile (template, system, stops).")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+        adapter: Annotated[bool, typer.Option(
+            help="Write only the LoRA adapter as a GGUF LoRA file (llama.cpp --lora, on the base model's GGUF).")] = False,
     ) -> None:
         """Write a GGUF file that llama.cpp, Ollama and LM Studio run; a LoRA run is merged in memory first."""
         from tunelab.export.quant import check_quant
@@ -32,6 +34,9 @@ def register(app: typer.Typer, console: Console) -> None:
         if format != "gguf":
             raise TunelabError(f"unknown --format '{format}'; supported: gguf")
         quant = check_quant(quant)
+        if adapter:
+            _export_adapter(run, out, overwrite, console)
+            return
         gguf_path, modelfile_path = _targets(out, ollama)
         for path in (gguf_path, modelfile_path):
             if path is not None:
@@ -41,6 +46,19 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print(f"[bold green]wrote[/] {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         if modelfile_path is not None:
             console.print(f"run it: ollama create NAME -f {modelfile_path}")
+
+
+def _export_adapter(run: str, out: Path, overwrite: bool, console: Console) -> None:
+    from tunelab.export.lora_gguf import write_lora_gguf
+    from tunelab.export.source import load_lora_run
+
+    if out.suffix != ".gguf":
+        raise TunelabError(f"--out {out}: give a .gguf file name for the adapter")
+    check_new_file(out, overwrite)
+    model, name = load_lora_run(run)
+    with atomic_file(out) as tmp:
+        count = write_lora_gguf(model, tmp, name=name)
+    console.print(f"[bold green]wrote[/] {out}: {count} LoRA layers (llama.cpp: -m BASE.gguf --lora {out})")
 
 
 def _targets(out: Path, ollama: bool) -> tuple[Path, Path | None]:

@@ -51,6 +51,25 @@ def load_export_source(reference: str | Path) -> ExportSource:
     return ExportSource(model, load_tokenizer(str(reference)), Path(str(reference)).stem, "full")
 
 
+def load_lora_run(run_dir: str | Path) -> tuple[Any, str]:
+    """The base model with the run's LoRA layers injected and unmerged, and the run's name.
+
+    Raises:
+        TunelabError: not a LoRA run, or a run that also saves whole modules (``modules_to_save``),
+            which a LoRA GGUF cannot carry.
+    """
+    path = Path(run_dir)
+    info = read_run_info(path) if path.is_dir() else {"method": "not a run directory"}
+    if info["method"] != "lora":
+        raise TunelabError(f"{run_dir} is not a LoRA run ({info['method']}); --adapter exports LoRA adapters only")
+    config = yaml.safe_load((path / "adapter_config.json").read_text()) or {}
+    if config.get("modules_to_save"):
+        raise TunelabError(f"{run_dir} also saves whole modules {config['modules_to_save']}; a LoRA GGUF holds "
+                           "only low-rank updates: export the merged model instead")
+    model, _, _ = load_run(path)
+    return model, path.resolve().name
+
+
 def _system_prompt(run_dir: Path) -> str | None:
     config = run_dir / "config.yaml"
     if not config.is_file():

@@ -58,3 +58,35 @@ def test_llama_cpp_tokenizes_like_hf(tmp_path, pre):
     for text in [TEXT, "Numbers: 1234567 and 3.14159; symbols: @#$%^&*()", "naïve café über straße\ttabs\n\n  x",
                  "<|tool|> called <think> twice<think>", "We've shipped it on 2024-05-01."]:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_llama_cpp_applies_the_lora_gguf_like_the_merged_export(tmp_path, bpe_tokenizer, use_rslora):
+    """Issue 16: base GGUF + exported LoRA GGUF in llama.cpp == the merged model (and its export)."""
+    from typer.testing import CliRunner
+
+    from tunelab.adapters.lora import inject_lora, lora_layers, merge_lora
+    from tunelab.cli.app import app
+    from tunelab.models.run import save_run
+
+    base = make_tiny("llama", 416, tie=True)
+    base.save_pretrained(tmp_path / "base")
+    bpe_tokenizer.save_pretrained(tmp_path / "base")
+    write_gguf(base, bpe_tokenizer, tmp_path / "base.gguf", "f32")
+    inject_lora(base, "all-linear", r=4, alpha=8, use_rslora=use_rslora)
+    for _, layer in lora_layers(base):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    save_run(tmp_path / "run", base, bpe_tokenizer, method="lora", base_model=str(tmp_path / "base"),
+             config_yaml="", results={})
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--adapter", "--out", str(tmp_path / "a.gguf")])
+    assert result.exit_code == 0, result.output
+    ids = bpe_tokenizer(TEXT)["input_ids"]
+    with torch.no_grad():
+        expected = merge_lora(base)(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "a.gguf"), n_ctx=128,
+                          n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() < 2e-3 * max(1.0, np.abs(expected).max())
+    _, plain = _llama_logits(tmp_path / "base.gguf", ids)
+    assert np.abs(plain - expected).max() > 10 * np.abs(got - expected).max()  # the adapter does change them

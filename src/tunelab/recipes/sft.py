@@ -33,8 +33,10 @@ from tunelab.recipes.prepare import (
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.distributed import init_distributed
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""

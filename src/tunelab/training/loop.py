@@ -37,6 +37,7 @@ from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
+from tunelab.training.outputs import writing
 from tunelab.training.precision import autocast
 
 Batch = dict[str, Any]
@@ -141,11 +142,13 @@ def fit(
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                 _log_eval(evaluate, wrapped, model, log, state.step, progress)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                runtime=runtime)
+                with writing(f"checkpoints/step-{state.step:06d}", output_dir):  # a full disk: one clear error
+                    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                    runtime=runtime)
         if evaluate:
             _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
-    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+    with writing(f"checkpoints/step-{state.step:06d}", output_dir):
+        save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)
 

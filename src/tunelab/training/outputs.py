@@ -381,6 +381,41 @@ def writing(what: Path | str, root: Path | None = None) -> Iterator[None]:
         raise OutputError(f"{cause} while writing {name} (files written before it are intact{hint})") from err
 
 
+@contextmanager
+def writing_checkpoint(output_dir: Path, step: int) -> Iterator[None]:
+    """:func:`writing` for the checkpoint of ``step``, after checking there is room for it.
+
+    A checkpoint is about as large as the newest one already written; when the filesystem has
+    less free space than that, the write is refused before it starts (nothing is half written),
+    naming both sizes. Without an earlier checkpoint the write is tried, and a failure is reported
+    by :func:`writing`.
+
+    Raises:
+        OutputError: "no space left on device while writing checkpoints/step-000040 in RUN: ...".
+    """
+    from tunelab.training.checkpoint import list_checkpoints
+
+    name = f"checkpoints/step-{step:06d}"
+    existing = list_checkpoints(output_dir)
+    if existing:
+        need = sum(p.stat().st_size for p in existing[-1].rglob("*") if p.is_file())
+        free = shutil.disk_usage(existing[-1]).free
+        if free < need:
+            raise OutputError(f"no space left on device while writing {name} in {output_dir}: it needs about "
+                              f"{_size(need)} (the size of {existing[-1].name}) and {_size(free)} are free; free some "
+                              f"space and --resume (checkpoints up to {existing[-1].name} are intact)")
+    with writing(name, output_dir):
+        yield
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
 def _environment_cause(err: BaseException, path: Path) -> tuple[str | None, str | None]:
     """(cause, the file the OS error names or None) when ``err`` comes from the environment, else (None, None)."""
     chain: list[BaseException] = []
@@ -399,7 +434,8 @@ def _environment_cause(err: BaseException, path: Path) -> tuple[str | None, str 
     if probe is not None:
         return _cause(probe), None
     if "pytorchstreamwriter" in text or "inline_container" in text or "file write failed" in text:
-        return "a write failed (likely no space left on device)", None
+        free = shutil.disk_usage(_nearest_existing(path)).free  # torch's writer drops the OS error
+        return f"a write failed (most likely no space left on device; {_size(free)} free now)", None
     return None, None
 
 

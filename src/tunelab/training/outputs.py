@@ -139,12 +139,12 @@ def _existing_run_message(output_dir: Path) -> str:
 
     checkpoints = list_checkpoints(output_dir)
     if (output_dir / "tunelab.json").exists():
-        state = "a finished run"
+        state = "finished"
     else:
-        state = "an interrupted run (no tunelab.json yet"
-        state += f"; latest checkpoint {checkpoints[-1].name})" if checkpoints else "; no checkpoint)"
+        state = "interrupted: no tunelab.json yet, "
+        state += f"latest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
     how = "pass --resume to continue it, " if checkpoints else ""
-    return (f"{output_dir} already holds {state}; {how}pass --overwrite to replace it, or choose another "
+    return (f"{output_dir} already holds a run ({state}); {how}pass --overwrite to replace it, or choose another "
             "output_dir")
 
 

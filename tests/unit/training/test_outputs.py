@@ -95,7 +95,7 @@ def test_an_interrupted_run_is_refused_like_a_finished_one(tmp_path, leftover):
     with pytest.raises(OutputError, match="already holds") as err:
         check_output_dir(run, resume=False, overwrite=False)
     assert ("--resume" in str(err.value)) == leftover.startswith("checkpoints")
-    assert ("interrupted run" in str(err.value)) == (leftover != "tunelab.json")
+    assert ("(interrupted: no tunelab.json yet" in str(err.value)) == (leftover != "tunelab.json")
     assert check_output_dir(run, resume=False, overwrite=True) is None
 
 

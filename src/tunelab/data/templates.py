@@ -146,13 +146,13 @@ def render_messages(tokenizer: Any, messages: list[dict[str, str]], supervise: s
             "set model.chat_template (e.g. 'chatml') or use the 'text' format"
         )
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not replies:
-        raise UnusableExample("no assistant reply")
     if any(not messages[i]["content"].strip() for i in replies):
         raise UnusableExample("empty assistant reply")
     full = apply_template(tokenizer, messages, add_generation_prompt=False)
-    if supervise == "all":
+    if supervise == "all":  # every token is learned: a conversation without a reply is still text
         return Rendering((Rendered(full, ((0, len(full)),), True),))
+    if not replies:
+        raise UnusableExample("no assistant reply")
     if messages[-1]["role"] != "assistant":
         raise UnusableExample(f"conversation ends with a {messages[-1]['role']} turn")
     located = [locate_reply(tokenizer, messages, i) for i in (replies[-1:] if supervise == "last_turn" else replies)]

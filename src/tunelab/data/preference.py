@@ -11,9 +11,11 @@ Record forms (field names can be remapped with ``data.columns``):
 
 Rendering: with a chat template, prompt + reply are rendered by the template and exactly the reply's
 assistant turns (with their end-of-turn token) are labelled, as in SFT (see
-:mod:`tunelab.data.templates`). Without one (base LMs, BERT-like reward encoders), prompt and reply
-must be strings and the text is ``prompt + reply + eos``; the tokenizer's own special tokens (e.g.
-``[CLS] … [SEP]``) wrap it.
+:mod:`tunelab.data.templates`); the template writes every special token (as when the model is
+served, :mod:`tunelab.data.encoding`). Without one (base LMs, BERT-like reward encoders), prompt and
+reply must be strings and the text is ``prompt + reply + eos``; the tokenizer's own special tokens
+(e.g. ``[CLS] … [SEP]``) wrap it. Each side is tokenized whole; a token that overlaps the reply is a
+reply token (labelled), and the prompt ids are the tokens both sides share before their replies.
 
 Length policy (``max_seq_len`` tokens per sequence), applied per pair: when prompt + the longer
 reply does not fit, the prompt is cut **from the left** (its most recent tokens are kept, after any

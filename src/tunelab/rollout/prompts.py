@@ -96,6 +96,9 @@ def load_prompts(
     seen: set[tuple[int, ...]] = set()
     for i, record in enumerate(records, start=1):
         messages = record_messages(record, data.columns, where=f"{source.path} record #{i}")
+        if data.system_prompt not in ("default", "none") and messages[0]["role"] != "system":
+            # what the template renders anyway (see tunelab.data.system_prompt); reward functions see it too
+            messages.insert(0, {"role": "system", "content": data.system_prompt})
         ids = prompt_ids(tokenizer, messages)  # the ids chat and training use for this prefix
         if tuple(ids) in seen:  # the same prompt twice (e.g. preference pairs sharing a prompt) is kept once
             result.num_duplicates += 1

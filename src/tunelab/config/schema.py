@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config.base import StrictModel
 from tunelab.config.classification import ClassificationConfig
@@ -76,7 +76,13 @@ class DataConfig(StrictModel):
         description="Map a canonical field (messages, conversations, instruction, input, output, prompt, "
         "completion, text, system) to the column your data uses, e.g. {prompt: question}.",
     )
-    system_prompt: str | None = Field(None, description="System message added to every conversation that has none.")
+    system_prompt: str = Field(
+        "default",
+        description="System prompt of conversations that have none: 'default' keeps what the chat template "
+        "writes (SmolLM2's and Qwen2.5's write a default one into every example), 'none' writes none, any other "
+        "text is that system prompt. Applied to the chat template, so training and serving (chat, sample "
+        "answers, RL prompts, the saved tokenizer) render the same.",
+    )
     max_seq_len: int = Field(1024, ge=8, description="Longest example in tokens.")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
@@ -95,6 +101,11 @@ class DataConfig(StrictModel):
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
+
+    @field_validator("system_prompt", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        return "default" if value is None else value
 
     @model_validator(mode="after")
     def _held_out_is_not_train(self) -> DataConfig:

@@ -52,7 +52,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                                revision=config.model.revision)
-    resolve_chat_template(tokenizer, config.model.chat_template)
+    resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
     data = prepare_data(config.data, tokenizer, config.train.seed)
     console.print(f"[bold]data[/] format={data.format} train={data.train_stats.summary()}")
     if data.validation:

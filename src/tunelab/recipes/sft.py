@@ -87,7 +87,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           packing=config.data.packing, shuffle=config.data.shuffle, seed=tc.seed,
                           pad_token_id=tokenizer.pad_token_id, flatten_rows=flatten_rows)
     result = fit(
-        model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size),
+        model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size,
+                                         label_smoothing=tc.label_smoothing),
         lambda b: b["num_supervised"], tc, output_dir, config_yaml,
         evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device, runtime=runtime,
     )

@@ -253,7 +253,9 @@ def orpo_loss(
     ``L_OR = -log sigma(log odds(y_w) - log odds(y_l))`` and
     ``log odds(y) = m - log(1 - exp(m))``, ``m = log pi(y) / |y|`` the
     length-averaged log-prob (Eq. 4). ``log(1 - exp(m))`` uses
-    :func:`log1mexp` so ``m`` close to 0 stays finite.
+    :func:`log1mexp`, so the log-odds are exact (no clamp bias) as ``m``
+    approaches 0 and their gradient ``1 / (1 - exp(m))`` stays finite; only
+    ``m = 0`` exactly (p = 1) is moved to ``-finfo.tiny``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(B,)`` float summed

@@ -247,3 +247,46 @@ def test_registry_names() -> None:
         "simpo": simpo_loss,
         "orpo": orpo_loss,
     }
+
+
+# ------------------------------------------------- issue 14 item 9: ORPO near p = 1
+
+
+@pytest.mark.parametrize("m", [-1e-3, -1e-6, -1e-7, -1e-9, -1e-15, -1e-30])
+def test_orpo_log_odds_exact_near_probability_one(m: float) -> None:
+    """float32 log-odds (and their gradient) match float64 maths at the same input, as m -> 0.
+
+    Old code clamped m to -eps (1.19e-7 in float32), so m = -1e-9 gave log odds 15.9 instead of 20.7.
+    """
+    m32 = torch.tensor([m], dtype=torch.float32)
+    mf = float(m32)  # the float32 value, evaluated in float64 by hand: log odds = m - log(-expm1(m))
+    expected = mf - math.log(-math.expm1(mf))
+    pc = m32.clone().requires_grad_(True)
+    loss, metrics = orpo_loss(pc, t(-3.0), torch.tensor([1]), torch.tensor([1]), t(0.0), lam=1.0)
+    assert metrics["rewards/chosen"].item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d L / d m_w = -sigmoid(-z) * d lo_w / d m_w, with d lo / d m = 1 / (1 - e^m) = -1 / expm1(m)
+    lo_l = -3.0 - math.log1p(-math.exp(-3.0))
+    z = expected - lo_l
+    grad = -(1.0 / (1.0 + math.exp(z))) * (-1.0 / math.expm1(mf))
+    assert torch.isfinite(pc.grad).all()
+    assert pc.grad.item() == pytest.approx(grad, rel=1e-4, abs=1e-30)
+
+
+def test_orpo_gradients_finite_at_probability_one_on_either_side() -> None:
+    """m = 0 exactly (p = 1) and m = -tiny on the chosen or the rejected side: finite loss and gradients."""
+    for value in (0.0, -torch.finfo(torch.float32).tiny, -1e-30):
+        for side in ("chosen", "rejected"):
+            a, b = t(value, grad=True), t(-2.0, grad=True)
+            pc, pr = (a, b) if side == "chosen" else (b, a)
+            loss, _ = orpo_loss(pc, pr, torch.tensor([3]), torch.tensor([3]), t(0.5), lam=0.1)
+            loss.backward()
+            assert torch.isfinite(loss), (value, side)
+            assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all(), (value, side)
+
+
+def test_log1mexp_float32_matches_float64_near_zero() -> None:
+    x = torch.tensor([-1e-30, -1e-12, -1e-8, -1e-7, -0.5, -0.7, -5.0], dtype=torch.float32)
+    expected = torch.tensor([math.log(-math.expm1(v)) for v in x.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x).double(), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(log1mexp(torch.zeros(1)))  # p = 1 exactly: finite (-finfo.tiny)

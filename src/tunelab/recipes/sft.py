@@ -116,16 +116,17 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
 
 def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[str, str]]]:
-    prompts = []
+    """The first ``n`` distinct held-out prompts (conversation up to its last assistant turn); ``n = 0``: none."""
+    prompts: list[list[dict[str, str]]] = []
     for example in examples:
+        if len(prompts) >= n:
+            break
         messages = example.get("messages")
         if not messages:
             continue
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
         if last > 0 and messages[:last] not in prompts:
             prompts.append(messages[:last])
-        if len(prompts) == n:
-            break
     return prompts
 
 

@@ -159,10 +159,10 @@ def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tupl
         model, tokenizer, _ = load_run(path, attn_implementation=mc.attn_implementation, dtype=dtype)
         merge_lora(model)
         model.requires_grad_(True)
-        resolve_chat_template(tokenizer, mc.chat_template)
+        resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
         return model, tokenizer, True
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    resolve_chat_template(tokenizer, mc.chat_template)
+    resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
                        revision=mc.revision, attn_implementation=mc.attn_implementation, dtype=dtype)
     return model, tokenizer, False

@@ -63,7 +63,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     mc = config.model
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    resolve_chat_template(tokenizer, mc.chat_template)
+    resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     data = prepare_pairs(config.data, tokenizer, tc.seed, pc.margin_field, pc.margin)
     console.print(f"[bold]data[/] pairs train={data.train_stats.summary()}")
     if data.validation:

@@ -152,12 +152,20 @@ def _prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a ``step-<N>`` checkpoint directory holds (any number of digits), else None."""
+    prefix, _, digits = path.name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: ordered by their step number, not by name, so
+    ``step-1000000`` comes after ``step-999999`` (names are zero-padded to 6 digits only)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    found = [p for p in root.glob("step-*") if checkpoint_step(p) is not None and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(

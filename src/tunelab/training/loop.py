@@ -202,7 +202,7 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
     record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
               "tokens": int(totals.pop("tokens")), "units": normalizer}
-    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
+    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens", "num_correct")})
     return record
 
 

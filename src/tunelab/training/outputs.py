@@ -37,7 +37,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +71,17 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
     :func:`tunelab.training.loop.fit` just before the first step, after data and model loading
     succeeded, so an ``--overwrite`` that fails on bad input leaves the old run resumable.
 
+    Inside a recipe's ``train`` (decorated with :func:`holds_run_lock`) it first takes the run lock.
+
     Raises:
-        OutputError: the directory holds a run (finished or interrupted: checkpoints, metrics,
+        OutputError: another process holds the directory (naming it); the directory holds a run
+            (finished or interrupted: checkpoints, metrics,
             before-training results) and neither resume nor overwrite was asked for; it is a
             file; it is not empty and holds no tunelab run (never written into, even with
             ``overwrite``).
         TunelabError: resume was asked for and there is no checkpoint to resume from.
     """
+    claim_output_dir(output_dir)  # the run lock, inside a train() decorated with holds_run_lock
     if resume:
         return resume_target(output_dir, resume)
     if _dir_kind(output_dir) == "run" and not overwrite:
@@ -522,13 +528,42 @@ def _holder_message(directory: Path) -> str:
             f"or stop it (kill {pid}); the lock goes away with the process, so there is nothing to clean up")
 
 
-def holds_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a recipe's ``train(config, ...)``: check and lock ``config.output_dir`` for the whole run.
+@dataclass
+class _Claim:
+    """The run lock a decorated ``train`` takes at its :func:`check_output_dir` and releases on return."""
 
-    Before anything is loaded, refuses an ``output_dir`` that is a file, a foreign directory or not
-    writable; then holds :func:`run_lock` (on rank 0 under torchrun; the other ranks wait for rank 0
-    in their first collective, and torchrun stops them when it fails) and marks the directory as a
-    run's. OS errors caused by the environment while the run writes become an :class:`OutputError`.
+    stack: ExitStack
+    directory: Path | None = None
+
+
+_CLAIM: ContextVar[_Claim | None] = ContextVar("tunelab_output_claim", default=None)
+
+
+def claim_output_dir(output_dir: Path) -> None:
+    """Inside a :func:`holds_run_lock` ``train``: take ``output_dir``'s run lock until it returns, mark the
+    directory as a run's. Called by :func:`check_output_dir`, i.e. once the recipe's own early checks
+    passed (nothing is created before them); a no-op outside such a ``train`` or when already held.
+
+    Raises:
+        OutputError: another process holds the lock (naming it).
+    """
+    claim = _CLAIM.get()
+    if claim is None or claim.directory is not None:
+        return
+    claim.stack.enter_context(run_lock(output_dir))
+    claim.directory = output_dir
+    if read_marker(output_dir) is None:
+        write_marker(output_dir, "run")
+
+
+def holds_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a recipe's ``train(config, ...)``: check ``config.output_dir`` and lock it for the whole run.
+
+    Before anything is loaded, refuses an ``output_dir`` that is a file, a foreign directory, not
+    writable or held by a live run. The lock itself is taken by the recipe's
+    :func:`check_output_dir` (rank 0 only under torchrun: the other ranks wait for rank 0 in their
+    first collective, and torchrun stops them when it fails) and released when ``train`` returns or
+    raises. OS errors caused by the environment while the run writes become an :class:`OutputError`.
     """
     from tunelab.training.distributed import env_rank
 
@@ -539,10 +574,14 @@ def holds_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
         output_dir = Path(config.output_dir)
         refuse_foreign_dir(output_dir)
         check_writable(output_dir)
-        with run_lock(output_dir), writing(output_dir):
-            if read_marker(output_dir) is None:
-                write_marker(output_dir, "run")
-            return train(config, *args, **kwargs)
+        refuse_if_locked(output_dir, "train")
+        claim = _Claim(ExitStack())
+        token = _CLAIM.set(claim)
+        try:
+            with claim.stack, writing(output_dir):
+                return train(config, *args, **kwargs)
+        finally:
+            _CLAIM.reset(token)
 
     return locked
 

@@ -293,3 +293,34 @@ def test_the_lock_is_held_until_the_block_ends_in_one_process_too(tmp_path):
     with run_lock(tmp_path / "run"):
         pass
     assert MARKER not in os.listdir(tmp_path / "run")  # the lock alone marks nothing
+
+
+def test_a_decorated_train_holds_the_lock_from_its_output_check_until_it_returns_or_raises(tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.training.outputs import holds_run_lock
+
+    config = SimpleNamespace(output_dir=str(tmp_path / "run"))
+    seen = []
+
+    @holds_run_lock
+    def train(config, *, fail_early=False, fail_late=False):
+        if fail_early:  # a recipe's own early refusal: nothing may have been created yet
+            seen.append((tmp_path / "run").exists())
+            raise OutputError("refused early")
+        check_output_dir(Path(config.output_dir), resume=False, overwrite=False)
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"), run_lock(Path(config.output_dir)):
+            pass
+        seen.append(read_marker(Path(config.output_dir))["kind"])
+        if fail_late:
+            raise RuntimeError("a bug")
+        return "done"
+
+    with pytest.raises(OutputError, match="refused early"):
+        train(config, fail_early=True)
+    assert seen == [False] and not (tmp_path / "run").exists()
+    with pytest.raises(RuntimeError):
+        train(config, fail_late=True)
+    assert train(config) == "done" and seen[1:] == ["run", "run"]
+    with run_lock(tmp_path / "run"):  # released after both
+        pass

@@ -475,8 +475,7 @@ def environment_error_message(err: OSError) -> str | None:
     """One line for an OS error caused by the environment ("permission denied reading X"), else None."""
     if err.errno not in ENVIRONMENT_ERRNOS:
         return None
-    where = f" ({err.filename})" if err.filename else ""
-    return f"{_cause(err)}{where}"
+    return f"{_cause(err)}: {err.filename}" if err.filename else _cause(err)
 
 
 # ----------------------------------------------------------------------------------------------- lock

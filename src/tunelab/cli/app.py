@@ -46,7 +46,7 @@ def train(
     from tunelab.training.outputs import refuse_if_locked
 
     cfg = load_config(config, overrides or [])
-    refuse_if_locked(Path(cfg.output_dir), "train")  # at once; the recipe takes the lock itself (training/outputs.py)
+    refuse_if_locked(Path(cfg.output_dir), "train")  # at once; the recipe takes the lock itself (training/outputs/)
     get_recipe(cfg.task)(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
 
 

@@ -37,7 +37,7 @@ def test_an_output_dir_below_a_file_is_named_before_data_or_model_loading(tmp_pa
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 def test_an_unwritable_output_dir_is_named_before_data_or_model_loading(tmp_path, task, monkeypatch):
-    monkeypatch.setattr(outputs, "_probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    monkeypatch.setattr(outputs.writes, "probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
     train = importlib.import_module(RECIPES[task]).train
     with pytest.raises(OutputError, match=f"cannot write output_dir {tmp_path / 'run'}: read-only file system"):
         train(config(tmp_path, task, tmp_path / "run"))

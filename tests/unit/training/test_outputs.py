@@ -1,4 +1,4 @@
-"""The one place that writes (training/outputs.py): which output paths may be written or replaced,
+"""The one place that writes (training/outputs/): which output paths may be written or replaced,
 atomic directory writes with a marker, disk errors named by path and cause, and the run lock."""
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def test_writing_names_the_path_and_cause_of_a_full_disk(tmp_path):
 
 
 def test_writing_reports_what_a_probe_write_finds_when_the_error_does_not_say(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "_probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    monkeypatch.setattr(outputs.writes, "probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
     with pytest.raises(OutputError, match="read-only file system while writing"), writing(tmp_path / "x"):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
@@ -227,7 +227,7 @@ def test_an_unreadable_input_is_named_as_itself(tmp_path):
 
 def test_check_writable_finds_a_read_only_or_full_directory_before_any_work(tmp_path, monkeypatch):
     check_writable(tmp_path / "new" / "run")  # a missing directory: its nearest parent is probed
-    monkeypatch.setattr(outputs, "_probe_write", lambda d: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    monkeypatch.setattr(outputs.writes, "probe_write", lambda d: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(OutputError, match=f"cannot write output_dir {tmp_path / 'run'}: no space left on device"):
         check_writable(tmp_path / "run")
 

@@ -232,6 +232,17 @@ def test_a_file_whose_every_reply_is_empty_is_an_error_naming_it(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": ""}) + "\n" for i in range(3)))
     with pytest.raises(DataError, match=r"empty_replies\.jsonl.*empty completion"):
         prepare_data(DataConfig(train=DataSource(path=str(path))), byte_bpe_tokenizer(template=None), 0)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
+    with pytest.raises(DataError, match=r"empty_replies\.jsonl: no held-out"):  # a validation file too
+        prepare_data(DataConfig(train=DataSource(path=str(good)), validation=DataSource(path=str(path))),
+                     byte_bpe_tokenizer(template=None), 0)
+    from tunelab.data.preference import prepare_pairs
+
+    pairs = tmp_path / "empty_pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": " ", "rejected": "No"}) + "\n")
+    with pytest.raises(DataError, match=r"empty_pairs\.jsonl.*empty chosen reply"):
+        prepare_pairs(DataConfig(train=DataSource(path=str(pairs))), byte_bpe_tokenizer(), 0)
 
 
 def test_directories_are_refused_and_a_utf8_bom_is_accepted(tmp_path):

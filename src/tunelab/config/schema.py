@@ -175,6 +175,12 @@ class TrainConfig(StrictModel):
         True, description="Compute the LM loss in chunks of tokens so full-vocab logits are never materialized."
     )
     ce_chunk_size: int = Field(1024, ge=16, description="Tokens per cross-entropy chunk.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="task=sft: label smoothing ε of the next-token loss, (1-ε)·NLL + ε·mean over the vocabulary "
+        "of -log p (Szegedy et al. 2016), summed over supervised tokens and divided by their count in the whole "
+        "step (so accumulation and packing leave it unchanged). Held-out loss/perplexity stay the plain NLL.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     log_every: int = Field(1, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (null = end only).")
@@ -225,6 +231,9 @@ class Config(StrictModel):
         if self.train.compile and self.task in ("ppo", "grpo"):
             raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
                              f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
+        if self.train.label_smoothing and self.task != "sft":
+            raise ValueError(f"train.label_smoothing applies to the next-token loss of task=sft, not task={self.task} "
+                             "(task=dpo has preference.label_smoothing)")
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
         self._check_preference()

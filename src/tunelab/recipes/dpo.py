@@ -50,8 +50,10 @@ from tunelab.recipes.reward import wilson_interval
 from tunelab.training.loop import Batch, BatchPlan, fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run DPO (or IPO/hinge/SimPO/ORPO) as configured; returns the results stored in ``tunelab.json``."""

@@ -42,10 +42,12 @@ from tunelab.recipes.prepare import (
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
+from tunelab.training.outputs import holds_run_lock
 
 HEAD_NAMES = ("score", "classifier", "pre_classifier")
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a Bradley-Terry reward model as configured; returns the results stored in ``tunelab.json``."""

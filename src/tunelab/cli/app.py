@@ -93,7 +93,8 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
     from tunelab.adapters.lora import merge_lora
-    from tunelab.models.run import load_run
+    from tunelab.models.run import load_run, log_stop_ids
+    from tunelab.models.stop_config import apply_stop_ids
     from tunelab.training.checkpoint import atomic_dir, commit_dir
 
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -102,10 +103,13 @@ def merge(
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)
+    stop_ids = apply_stop_ids(model, tokenizer) if info.get("task_type", "CAUSAL_LM") == "CAUSAL_LM" else []
     tmp = atomic_dir(out.resolve())
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     commit_dir(tmp, out.resolve())
+    if stop_ids:
+        log_stop_ids(console, out, tokenizer, stop_ids)
     console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 

@@ -22,6 +22,7 @@ from tunelab import __version__
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
+from tunelab.models.stop_config import apply_stop_ids, describe_stop_ids, write_generation_config
 from tunelab.training.checkpoint import atomic_dir
 
 RUN_INFO = "tunelab.json"
@@ -30,25 +31,47 @@ RUN_INFO = "tunelab.json"
 def save_run(
     output_dir: Path, model: nn.Module, tokenizer: Any, *, method: str, base_model: str, config_yaml: str,
     results: dict[str, Any], task_type: str = "CAUSAL_LM", modules_to_save: list[str] = (),
+    console: Any = None,
 ) -> None:
-    """Write the final model and run files; each file is written aside and renamed into place."""
+    """Write the final model and run files; each file is written aside and renamed into place.
+
+    A causal LM's stop ids (EOS + the template's end-of-turn tokens) go into ``generation_config.json``
+    (and, for full weights, ``config.json``'s ``eos_token_id``); the line saying so is printed on
+    ``console`` (a rich Console; default: stdout) and the ids are kept in ``tunelab.json``.
+    """
     tmp = atomic_dir(output_dir / "final")
+    stop_ids: list[int] = []
     try:
         base_path = resolve_model_path(base_model)
+        causal = task_type == "CAUSAL_LM"
         if method == "lora":
             save_adapter(model, tmp, base_model_name_or_path=str(Path(base_path).resolve()) if Path(base_path).exists()
                          else base_path, task_type=task_type, modules_to_save=list(modules_to_save))
+            if causal:
+                stop_ids = write_generation_config(tmp, tokenizer, model)
         else:
+            if causal:
+                stop_ids = apply_stop_ids(model, tokenizer)
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
-                "base_model_path": base_path, "task_type": task_type, "results": results}
+                "base_model_path": base_path, "task_type": task_type, "stop_ids": stop_ids, "results": results}
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
         for item in tmp.iterdir():
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if stop_ids:
+        log_stop_ids(console, output_dir, tokenizer, stop_ids)
+
+
+def log_stop_ids(console: Any, where: Path, tokenizer: Any, stop_ids: list[int]) -> None:
+    """Print which stop ids were written into ``where``'s ``generation_config.json``."""
+    from rich.console import Console
+
+    (console or Console()).print(f"[bold]stop ids[/] {where}/generation_config.json eos_token_id = "
+                                 f"{describe_stop_ids(tokenizer, stop_ids)}", highlight=False)
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:

@@ -58,7 +58,10 @@ def save_run(
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
                 "base_model_path": base_path, "task_type": task_type, "stop_ids": stop_ids, "results": results}
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
-        for item in tmp.iterdir():
+        # the adapter config goes last (and an older one first), so no config sits beside weights it
+        # does not describe
+        (output_dir / "adapter_config.json").unlink(missing_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_config.json"):
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -113,7 +113,7 @@ def check_adapter_state(model: nn.Module, config: dict[str, Any], state: dict[st
         layer = linear.get(name)
         shapes = ((r, layer.in_features), (layer.out_features, r)) if layer is not None else (None, None)
         expected[f"{name}.lora_A.weight"], expected[f"{name}.lora_B.weight"] = shapes
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key in state:
         if not LORA_KEY.match(key) and ".lora_" not in key:  # modules_to_save: must be a model parameter
             expected[key] = tuple(params[key].shape) if key in params else None
@@ -138,7 +138,7 @@ def check_loaded_keys(model: nn.Module, state: dict[str, torch.Tensor], where: s
     Raises:
         ModelLoadError: "k of N adapter tensors matched" with example keys.
     """
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     wrong = [k for k, v in state.items() if k not in params or tuple(params[k].shape) != tuple(v.shape)]
     if wrong:
         raise ModelLoadError(f"{where}: {len(state) - len(wrong)} of {len(state)} adapter tensors matched; "

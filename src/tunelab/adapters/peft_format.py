@@ -39,7 +39,7 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] = ()) -> dic
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
     for module_name in modules_to_save:
         for pname, param in model.get_submodule(module_name).named_parameters():
-            state[f"{PREFIX}{module_name}.{pname}"] = param.detach().contiguous()
+            state[f"{PREFIX}{module_name}.{pname}"] = param.detach().clone()  # a tied head shares its weight
     return state
 
 

@@ -23,7 +23,7 @@ from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
 from tunelab.models.stop_config import apply_stop_ids, describe_stop_ids, write_generation_config
-from tunelab.training.checkpoint import atomic_dir
+from tunelab.training.outputs import atomic_dir
 
 RUN_INFO = "tunelab.json"
 

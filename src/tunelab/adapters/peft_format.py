@@ -161,6 +161,7 @@ def _own_names(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = re.sub(r"\.(lora_[A-Za-z_]+)\.default\.", r".\1.", name)
         name = re.sub(r"\.(lora_[A-Za-z_]+)\.default$", r".\1", name)
+        name = re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", name)  # DoRA: a parameter
         for module_name in config.get("modules_to_save") or []:
             name = name.replace(f"{module_name}.modules_to_save.default.", f"{module_name}.")
         own[name] = value

@@ -229,5 +229,9 @@ class Config(StrictModel):
         if self.preference is None:
             self.preference = PreferenceConfig()
         self.preference.check_against(self.task, self.train.method)
+        if self.task == "dpo" and self.preference.loss == "kto" and self.data.packing \
+                and "packing" in self.data.model_fields_set:
+            raise ValueError("preference.loss=kto batches each example with a mismatched completion and never "
+                             "packs; remove data.packing or set it to false")
         if self.data.format != "auto":
             raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")

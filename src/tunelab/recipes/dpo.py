@@ -1,5 +1,6 @@
 """Direct preference optimization and its family: DPO, IPO, hinge (reference-based), SimPO, ORPO
-(reference-free), on a base model or on a finished SFT run.
+(reference-free), on a base model or on a finished SFT run; ``preference.loss: kto`` (unpaired data)
+runs :mod:`tunelab.recipes.kto`.
 
 pairs → ``[chosen; rejected]`` batch (padded or packed) → ONE policy forward → summed reply
 log-probs per side → reference log-probs (adapters off / frozen copy / precomputed, eval mode)
@@ -54,7 +55,12 @@ from tunelab.training.precision import autocast, pick_device
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
-    """Run DPO (or IPO/hinge/SimPO/ORPO) as configured; returns the results stored in ``tunelab.json``."""
+    """Run DPO (or IPO/hinge/SimPO/ORPO; KTO in :mod:`tunelab.recipes.kto`) as configured; returns the results
+    stored in ``tunelab.json``."""
+    if config.preference.loss == "kto":
+        from tunelab.recipes.kto import train as train_kto
+
+        return train_kto(config, resume=resume, overwrite=overwrite, console=console)
     console = console or Console()
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data

@@ -94,6 +94,10 @@ class DataConfig(StrictModel):
         "restarting per example so none attends across a boundary (no padding).",
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_validation_examples: int | None = Field(
+        None, ge=1, description="task=dpo (all losses, kto included) and reward: use only the first N records of "
+        "data.validation (null = all).",
+    )
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
 
     @model_validator(mode="after")

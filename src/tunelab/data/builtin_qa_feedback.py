@@ -7,8 +7,10 @@ pairs 1v2, 1v3, 1v4, 2v3, 2v4, 3v4 (1 = the first is better, 2 = the second, 0 =
 
 Records: every strictly preferred pair (ties dropped, and pairs whose two answers are the same
 text): ``{"prompt": question, "chosen": better answer, "rejected": worse answer, "question_id"}``
-(2,616 pairs before the identical-text filter). ``name`` (subset): ``strict`` (the default and the
-only one).
+(2,616 pairs before the identical-text filter). ``name`` (subset): ``strict`` (default: every such
+pair, so a question's pairs share answers) or ``one-per-question`` (only the first strict pair of each
+question in the order 1v2, 1v3, ..., 3v4: pairs share nothing, so a binomial interval on held-out
+pairwise accuracy is valid).
 
 Split by question, deterministic: a question is held out (``validation``, about 15%) when the first
 byte of the SHA-256 of its lower-cased text maps below 15/100, as for ``builtin:chatterbot``, so no
@@ -37,8 +39,9 @@ def load_qa_feedback(subset: str | None, split: str) -> list[dict[str, Any]]:
     """
     if split not in ("train", "validation"):
         raise DataError(f"builtin:qa-feedback has splits 'train' and 'validation', not '{split}'")
-    if (subset or "strict") != "strict":
-        raise DataError(f"builtin:qa-feedback has the subset 'strict' only, not '{subset}'")
+    subset = subset or "strict"
+    if subset not in ("strict", "one-per-question"):
+        raise DataError(f"builtin:qa-feedback has the subsets 'strict' and 'one-per-question', not '{subset}'")
     if not DATA_FILE.is_file():
         raise DataError(f"builtin:qa-feedback: {DATA_FILE} is missing (reinstall tunelab)")
     records = []
@@ -54,4 +57,6 @@ def load_qa_feedback(subset: str | None, split: str) -> list[dict[str, Any]]:
                 better, worse = (i, j) if vote == 1 else (j, i)
                 records.append({"prompt": item["question"], "chosen": answers[better], "rejected": answers[worse],
                                 "question_id": qid})
+                if subset == "one-per-question":
+                    break
     return records

@@ -38,7 +38,7 @@ import torch
 
 from tunelab.config.schema import DataConfig, DataSource
 from tunelab.data.collate import IGNORE_INDEX
-from tunelab.data.preference import PairTokenizer, PreferencePair, reply_text, to_preference_example, tokenize_pairs
+from tunelab.data.preference import PairTokenizer, reply_text, to_preference_example
 from tunelab.data.sources import load_records, present_fields
 from tunelab.data.tokenize import DataStats
 from tunelab.errors import DataError
@@ -58,16 +58,18 @@ class KTOExample:
     desirable: bool
     prompt_key: int
     index: int = 0
+    pair_id: int | None = None
 
 
 @dataclass
 class PreparedKTO:
-    """Train and held-out examples, plus the held-out PAIRS when the held-out records were pairs
-    (for DPO-comparable preference accuracy), with their statistics."""
+    """Train and held-out examples with their statistics, and the held-out pairs: ``(index of the
+    desirable example, index of the undesirable one)`` (``KTOExample.index``) for each held-out record
+    that was a pair with both sides kept (for DPO-comparable preference accuracy)."""
 
     train: list[KTOExample]
     validation: list[KTOExample]
-    validation_pairs: list[PreferencePair]
+    validation_pairs: list[tuple[int, int]]
     train_stats: DataStats
     validation_stats: DataStats
     validation_examples: list[dict[str, Any]]
@@ -122,7 +124,7 @@ def tokenize_kto(examples: list[dict[str, Any]], encode: PairTokenizer,
             continue
         key = keys.setdefault(_prompt_key(example["prompt"]), len(keys))
         out.append(KTOExample(prompt_ids, reply_ids, labels, bool(example["desirable"]), key,
-                              first_index + len(out)))
+                              first_index + len(out), example.get("pair_id")))
         stats.num_examples += 1
         stats.lengths.append(len(ids))
         stats.num_tokens += len(ids)
@@ -213,7 +215,7 @@ def prepare_kto(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedKTO:
     """
     train = _load(cfg.train, cfg, cfg.max_examples)
     if cfg.validation is not None:
-        held = _load(cfg.validation, cfg)
+        held = _load(cfg.validation, cfg, cfg.max_validation_examples)
     elif cfg.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -223,14 +225,21 @@ def prepare_kto(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedKTO:
         held = []
     name = cfg.train.path
     train_ex = [e for i, r in enumerate(train, 1) for e in to_kto_examples(r, cfg.columns, f"{name} record #{i}")]
-    held_ex = [e for i, r in enumerate(held, 1) for e in to_kto_examples(r, cfg.columns, f"held-out record #{i}")]
+    held_ex = []
+    for i, record in enumerate(held, 1):
+        examples = to_kto_examples(record, cfg.columns, f"held-out record #{i}")
+        held_ex += [{**e, "pair_id": i} for e in examples] if len(examples) == 2 else examples
     encode, keys = PairTokenizer(tokenizer, cfg.max_seq_len), {}
     train_examples, train_stats = tokenize_kto(train_ex, encode, keys)
     held_examples, held_stats = tokenize_kto(held_ex, encode, keys, first_index=len(train_examples))
+    train_stats.num_records, held_stats.num_records = len(train), len(held)  # records, not examples
     if not train_examples:
-        raise DataError(f"no training example left of {train_stats.num_records} "
+        raise DataError(f"no training example left of {len(train_ex)} "
                         f"(dropped: {dict(train_stats.dropped) or 'none'})")
-    held_pairs_raw = [to_preference_example(r, cfg.columns, f"held-out record #{i}")
-                      for i, r in enumerate(held, 1) if r.get(cfg.columns.get("label", "label")) is None]
-    held_pairs, _ = tokenize_pairs(held_pairs_raw, encode)
-    return PreparedKTO(train_examples, held_examples, held_pairs, train_stats, held_stats, held_pairs_raw)
+    sides: dict[int, dict[bool, int]] = {}
+    for e in held_examples:
+        if e.pair_id is not None:
+            sides.setdefault(e.pair_id, {})[e.desirable] = e.index
+    pairs = [(s[True], s[False]) for s in sides.values() if len(s) == 2]
+    prompts = [{"prompt": e["prompt"]} for e in held_ex]
+    return PreparedKTO(train_examples, held_examples, pairs, train_stats, held_stats, prompts)

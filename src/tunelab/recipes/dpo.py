@@ -226,9 +226,15 @@ def evaluate_preference(model: nn.Module, batches: list[Batch], reference: Refer
                                       ref.chosen, ref.rejected)):
             sides[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
     s = {k: torch.cat(v) for k, v in sides.items()}
-    policy = PairLogps(s["pc"], s["pr"], s["nc"], s["nr"])
-    loss, metrics = preference_loss(pc, policy, PairLogps(s["rc"], s["rr"], s["nc"], s["nr"]))
+    return pair_metrics(pc, PairLogps(s["pc"], s["pr"], s["nc"], s["nr"]), PairLogps(s["rc"], s["rr"], s["nc"], s["nr"]))
+
+
+def pair_metrics(pc: PreferenceConfig, policy: PairLogps, reference: PairLogps) -> dict[str, float]:
+    """Held-out pair metrics from gathered log-probs: the configured loss and its metrics, plus the policy's
+    own preference accuracy (with a 95% Wilson interval) and margin, per sequence and per reply token."""
+    loss, metrics = preference_loss(pc, policy, reference)
     out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+    s = {"pc": policy.chosen, "pr": policy.rejected, "nc": policy.chosen_tokens, "nr": policy.rejected_tokens}
     diff, diff_tok = s["pc"] - s["pr"], s["pc"] / s["nc"].clamp(min=1) - s["pr"] / s["nr"].clamp(min=1)
     wins = int((diff > 0).sum())
     low, high = wilson_interval(wins, diff.numel())

@@ -9,7 +9,8 @@ summed completion log-probs → reference (adapters off / frozen copy, eval mode
 Held-out evaluation: the KTO loss and per-class implicit rewards (``rewards/chosen`` = desirable,
 ``rewards/rejected`` = undesirable, ``kto/kl``) over all held-out examples at once, and, when the
 held-out records are pairs, the same pair metrics a DPO run reports (``pairs/policy/accuracy``,
-``pairs/rewards/accuracy``, ``pairs/rewards/margins``, ...; :func:`tunelab.recipes.dpo.evaluate_preference`),
+``pairs/rewards/accuracy``, ``pairs/rewards/margins``, ...; :func:`tunelab.recipes.dpo.pair_metrics`, from the
+same forward passes),
 so KTO and DPO runs on the same pairs compare directly. Deliberate simplifications: ``z_ref`` is
 estimated per micro-batch (the paper and TRL gather it over the whole, possibly distributed,
 batch); no precomputed reference (the mismatched pairs change with the batch).
@@ -29,10 +30,10 @@ from tunelab.config.load import dump_config
 from tunelab.config.preference import PreferenceConfig
 from tunelab.config.schema import Config
 from tunelab.data.kto import kto_batch_plan, prepare_kto
-from tunelab.data.preference import PairTokenizer, preference_batch_plan, reply_text
+from tunelab.data.preference import PairTokenizer, reply_text
 from tunelab.losses.preference import kto_loss
-from tunelab.models.logps import Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
-from tunelab.recipes.dpo import _answers, _report, _sample_prompts, _save, evaluate_preference, load_start_model
+from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
+from tunelab.recipes.dpo import _answers, _report, _sample_prompts, _save, load_start_model, pair_metrics
 from tunelab.recipes.prepare import (
     before_training, check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable,
     weights_dtype,
@@ -64,14 +65,11 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           pad_token_id=pad)
     eval_batches = kto_batch_plan(data.validation, encode, batch_size=config.eval.batch_size, shuffle=False, seed=0,
                                   pad_token_id=pad).make_epoch(0) if data.validation else []
-    pair_batches = preference_batch_plan(data.validation_pairs, batch_size=config.eval.batch_size,
-                                         max_seq_len=dc.max_seq_len, packing=False, shuffle=False, seed=0,
-                                         pad_token_id=pad).make_epoch(0) if data.validation_pairs else []
     kind = pc.resolved_reference(tc.method)
     reference = make_reference(kind, model) if kind == "frozen_copy" else None
 
     def evaluate() -> dict[str, float]:
-        return evaluate_kto(model, eval_batches, pair_batches, reference, pc, device, tc.precision)
+        return evaluate_kto(model, eval_batches, data.validation_pairs, reference, pc, device, tc.precision)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
     kept = before_training(output_dir, resume_from, lambda: {
@@ -135,26 +133,33 @@ def kto_step_loss(model: nn.Module, batch: Batch, normalizer: int, reference: Re
 
 
 @torch.no_grad()
-def evaluate_kto(model: nn.Module, batches: list[Batch], pair_batches: list[Batch], reference: Reference | None,
+def evaluate_kto(model: nn.Module, batches: list[Batch], pairs: list[tuple[int, int]], reference: Reference | None,
                  pc: PreferenceConfig, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """KTO loss and metrics over all held-out examples at once (z_ref from all their mismatched rows), plus
-    DPO-comparable pair metrics (``pairs/...``) on held-out pairs. Before training the reference is the policy."""
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("pl", "rl", "pkl", "rkl", "des", "kl_mask")}
+    DPO-comparable pair metrics (``pairs/...``, :func:`tunelab.recipes.dpo.pair_metrics` with the DPO loss)
+    from the same forward passes: ``pairs`` holds ``(desirable, undesirable)`` example indices of held-out
+    records that were pairs. Before training (no reference yet) the reference is the policy itself."""
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("pl", "rl", "pkl", "rkl", "des", "kl_mask", "n", "idx")}
     for batch in batches:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(precision, device):
             policy = eval_pair_logps(model, tensors)
             ref = reference(tensors) if reference is not None else policy
-        for key, value in zip(cols, (policy.chosen, ref.chosen, policy.rejected, ref.rejected,
-                                     tensors["desirable"], tensors["kl_mask"])):
+        for key, value in zip(cols, (policy.chosen, ref.chosen, policy.rejected, ref.rejected, tensors["desirable"],
+                                     tensors["kl_mask"], policy.chosen_tokens, tensors["pair_index"])):
             cols[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
     c = {k: torch.cat(v) for k, v in cols.items()}
     loss, metrics = kto_loss(c["pl"], c["rl"], c["des"], c["pkl"], c["rkl"], c["kl_mask"], beta=pc.beta,
                              desirable_weight=pc.desirable_weight, undesirable_weight=pc.undesirable_weight)
     out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "examples": int(c["pl"].numel())}
-    if pair_batches:
-        dpo_view = pc.model_copy(update={"loss": "dpo"})
-        pairs = evaluate_preference(model, pair_batches, reference, dpo_view, device, precision)
-        out.update({f"pairs/{k}": v for k, v in pairs.items()})
-        out["pairs"] = pairs["pairs"]
+    row = {int(i): r for r, i in enumerate(c["idx"].tolist())}
+    kept = [(row[w], row[lo]) for w, lo in pairs if w in row and lo in row]
+    if kept:
+        w, lo = torch.tensor([p[0] for p in kept]), torch.tensor([p[1] for p in kept])
+        side = lambda key: (c[key][w], c[key][lo])  # noqa: E731
+        policy_pairs = PairLogps(*side("pl"), *side("n"))
+        ref_pairs = PairLogps(*side("rl"), *side("n"))
+        found = pair_metrics(pc.model_copy(update={"loss": "dpo"}), policy_pairs, ref_pairs)
+        out.update({f"pairs/{k}": v for k, v in found.items()})
+        out["pairs"] = found["pairs"]
     return out

@@ -98,7 +98,7 @@ def test_kto_recipe_end_to_end(tmp_path, tiny_model_dir) -> None:
         "lora": {"r": 4, "alpha": 8}, "eval": {"sample_questions": 0, "batch_size": 4}})
     results = train(config, console=QUIET)
     before, after = results["held_out_before"], results["held_out_after"]
-    assert results["loss"] == "kto" and results["train"]["examples"] == 13 and results["samples"] == []
+    assert results["loss"] == "kto" and results["train"]["examples"] == 13 and results["train"]["records"] == 8 and results["samples"] == []
     assert before["loss"] == pytest.approx(0.5) and before["rewards/margins"] == 0.0  # policy == reference
     assert before["pairs"] == 3 and "pairs/policy/accuracy" in after and after["examples"] == 6
     assert after["rewards/margins"] > 0  # desirable rewards rise above undesirable ones
@@ -117,4 +117,8 @@ def test_shipped_qa_feedback_kto_config_and_builtin() -> None:
     train, held = load_builtin("qa-feedback", None, "train"), load_builtin("qa-feedback", None, "validation")
     assert len(train) + len(held) == 2616 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
     assert train == load_builtin("qa-feedback", None, "train")  # deterministic
+    one = load_builtin("qa-feedback", "one-per-question", "validation")
+    assert len({r["question_id"] for r in one}) == len(one) and {r["prompt"] for r in one} <= {r["prompt"] for r in held}
+    with pytest.raises(DataError, match="subsets"):
+        load_builtin("qa-feedback", "all", "train")
     assert (ROOT / "src" / "tunelab" / "data" / "assets" / "qa_feedback" / "LICENSE").is_file()

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
@@ -37,7 +36,9 @@ from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
+from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
+from tunelab.training.progress import training_progress
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -119,7 +120,7 @@ def fit(
         if runtime.is_main else None
     batches = _BatchStream(plan)
     model.train()
-    with compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
+    with compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -141,11 +142,13 @@ def fit(
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                 _log_eval(evaluate, wrapped, model, log, state.step, progress)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                runtime=runtime)
+                with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+                    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                    runtime=runtime)
         if evaluate:
             _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
-    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+    with writing_checkpoint(output_dir, state.step):
+        save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)
 
@@ -199,7 +202,7 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
     record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
               "tokens": int(totals.pop("tokens")), "units": normalizer}
-    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
+    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens", "num_correct")})
     return record
 
 
@@ -227,10 +230,3 @@ class _BatchStream:
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, self.plan.make_epoch(epoch)
         return self.batches[offset]
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet,
-    )

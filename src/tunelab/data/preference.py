@@ -295,7 +295,8 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int, margin_field: str 
     """
     train = load_preference_examples(cfg.train, cfg, margin_field, default_margin, cfg.max_examples)
     if cfg.validation is not None:
-        held = load_preference_examples(cfg.validation, cfg, margin_field, default_margin)
+        held = load_preference_examples(cfg.validation, cfg, margin_field, default_margin,
+                                        cfg.max_validation_examples)
     elif cfg.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)

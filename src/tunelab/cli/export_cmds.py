@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tunelab.cli.output_files import atomic_file, check_new_file
+from tunelab.cli.output_files import atomic_file, check_out_file
 from tunelab.errors import TunelabError
 
 GGUF_NAME = "model.gguf"
@@ -40,7 +40,7 @@ def register(app: typer.Typer, console: Console) -> None:
         gguf_path, modelfile_path = _targets(out, ollama)
         for path in (gguf_path, modelfile_path):
             if path is not None:
-                check_new_file(path, overwrite)
+                check_out_file(path, overwrite=overwrite, inputs=[run])
         written = export_run(run, gguf_path, quant, modelfile_path)
         for path in written:
             console.print(f"[bold green]wrote[/] {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -54,7 +54,7 @@ def _export_adapter(run: str, out: Path, overwrite: bool, console: Console) -> N
 
     if out.suffix != ".gguf":
         raise TunelabError(f"--out {out}: give a .gguf file name for the adapter")
-    check_new_file(out, overwrite)
+    check_out_file(out, overwrite=overwrite, inputs=[run])
     model, name = load_lora_run(run)
     with atomic_file(out) as tmp:
         count = write_lora_gguf(model, tmp, name=name)

@@ -29,7 +29,7 @@ def held_out(tokenizer, limit: int):
     from tunelab.data.pipeline import prepare_data
 
     cfg = load_config(CONFIG, [])
-    return prepare_data(cfg.data, tokenizer, cfg.seed).validation[:limit]
+    return prepare_data(cfg.data, tokenizer, cfg.train.seed).validation[:limit]
 
 
 def nll_from_logits(logits: np.ndarray, ids: list[int], labels: list[int]) -> tuple[float, int]:

@@ -43,7 +43,10 @@ def train(
     from tunelab.config.load import load_config
     from tunelab.recipes import get_recipe
 
+    from tunelab.training.outputs import refuse_if_locked
+
     cfg = load_config(config, overrides or [])
+    refuse_if_locked(Path(cfg.output_dir), "train")  # at once; the recipe takes the lock itself (training/outputs/)
     get_recipe(cfg.task)(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
 
 

@@ -106,6 +106,10 @@ class DataConfig(StrictModel):
         "restarting per example so none attends across a boundary (no padding).",
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_validation_examples: int | None = Field(
+        None, ge=1, description="task=dpo (all losses, kto included) and reward: use only the first N records of "
+        "data.validation (null = all).",
+    )
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
 
     @field_validator("system_prompt", mode="before")
@@ -258,5 +262,9 @@ class Config(StrictModel):
         if self.preference is None:
             self.preference = PreferenceConfig()
         self.preference.check_against(self.task, self.train.method)
+        if self.task == "dpo" and self.preference.loss == "kto" and self.data.packing \
+                and "packing" in self.data.model_fields_set:
+            raise ValueError("preference.loss=kto batches each example with a mismatched completion and never "
+                             "packs; remove data.packing or set it to false")
         if self.data.format != "auto":
             raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")

@@ -37,7 +37,7 @@ from tunelab.training.distributed import init_distributed
 from tunelab.training.outputs import holds_run_lock
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""

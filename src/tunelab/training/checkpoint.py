@@ -22,10 +22,8 @@ into place once all ranks are done.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from torch import nn
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+from tunelab.training.outputs import atomic_dir, commit_dir  # noqa: F401  (the one place that writes)
 
 if TYPE_CHECKING:
     from tunelab.training.distributed import Runtime
@@ -63,23 +62,6 @@ class TrainState:
     best_value: float | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
-
-
-def atomic_dir(target: Path) -> Path:
-    """A fresh temp directory next to ``target``; pair with :func:`commit_dir`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-
-
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temp directory into place, replacing an older ``target`` only at the end."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def save_checkpoint(

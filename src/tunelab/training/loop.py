@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
@@ -43,7 +42,9 @@ from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
+from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
+from tunelab.training.progress import training_progress
 from tunelab.training.selection import BestTracker
 
 Batch = dict[str, Any]
@@ -135,8 +136,13 @@ def fit(
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
         if runtime.is_main else None
     batches = _BatchStream(plan)
+
+    def save(state: TrainState) -> None:
+        with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+            save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+
     model.train()
-    with compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
+    with compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -160,8 +166,7 @@ def fit(
                 stop = _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, progress), runtime)
             state.stopped_early = stop
             if stop or (cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps):
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                runtime=runtime)
+                save(state)
             if stop:
                 if not quiet and runtime.is_main:
                     progress.console.print(f"[yellow]early stop[/] at step {state.step}: no {cfg.metric_for_best} "
@@ -171,7 +176,7 @@ def fit(
             _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress),
                     runtime)
     if not state.stopped_early:  # an early stop saved its step already
-        save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+        save(state)
     if state.best_step is not None and state.best_step != state.step:
         load_trainable_weights(checkpoint_dir(output_dir, state.best_step), model)
     history = runtime.broadcast(log.read() if log else None)
@@ -304,10 +309,3 @@ class _BatchStream:
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, self.plan.make_epoch(epoch)
         return self.batches[offset]
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet,
-    )

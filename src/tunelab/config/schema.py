@@ -204,7 +204,8 @@ class TrainConfig(StrictModel):
         description="Held-out metric that picks the best checkpoint; its weights are the ones the run saves, it "
         "is never rotated away and it is recorded in the training state (kept across --resume). sft: "
         "loss|ppl|token_accuracy; dpo: loss|policy/accuracy|policy/margin|policy/accuracy_per_token|"
-        "policy/margin_per_token|rewards/accuracy|rewards/margins; reward: loss|accuracy|margin; classification "
+        "policy/margin_per_token|rewards/accuracy|rewards/margins (preference.loss kto: loss|pairs/policy/accuracy|"
+        "pairs/policy/margin|pairs/rewards/accuracy|pairs/rewards/margins); reward: loss|accuracy|margin; classification "
         "single_label: loss|accuracy|macro_f1|weighted_f1|roc_auc, multi_label: loss|subset_accuracy|micro_f1|"
         "macro_f1|roc_auc, regression: loss|mse|mae|r2. loss/ppl/mse/mae are better lower. Needs held-out data, "
         "and with eval_every a save_every that divides it (every evaluated step is saved). null = the final "
@@ -285,7 +286,8 @@ class Config(StrictModel):
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
         check_metric_for_best(self.task, self.train.metric_for_best,
-                              self.classification.problem_type if self.classification else None)
+                              self.classification.problem_type if self.classification else None,
+                              self.preference.loss if self.preference else None)
         self._check_preference()
         if self.task in ("ppo", "grpo") or self.rl is not None:
             RLConfig.check_for(self.task, self.rl)

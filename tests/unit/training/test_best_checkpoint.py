@@ -124,6 +124,7 @@ def test_patience_needs_a_metric():
     ("sft", "loss", True), ("sft", "token_accuracy", True), ("sft", "accuracy", False),
     ("dpo", "policy/accuracy", True), ("dpo", "loss", True), ("dpo", "token_accuracy", False),
     ("reward", "accuracy", True), ("reward", "policy/accuracy", False), ("grpo", "loss", False),
+    ("kto", "pairs/policy/accuracy", True), ("kto", "policy/accuracy", False),
 ])
 def test_metric_names_are_checked_per_task(task, metric, ok):
     from tunelab.config.load import validate_config
@@ -131,6 +132,8 @@ def test_metric_names_are_checked_per_task(task, metric, ok):
 
     raw = {"task": task, "model": {"name_or_path": "x"}, "data": {"train": {"path": "x"}},
            "train": {"metric_for_best": metric}}
+    if task == "kto":
+        raw.update(task="dpo", preference={"loss": "kto"})
     if task == "grpo":
         raw["rl"] = {"rewards": [{"type": "exact_match"}]}
     if ok:

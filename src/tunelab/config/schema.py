@@ -46,6 +46,12 @@ class ModelConfig(StrictModel):
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, "
         "or an inline Jinja template. Default: the tokenizer's own template.",
     )
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the vocabulary as special tokens (e.g. ['<tool_call>', '</tool_call>'], task "
+        "sft). The embeddings grow by one row each, initialised to the mean of the existing rows, and are "
+        "trained; with LoRA the embedding and output head are saved in full as PEFT modules_to_save.",
+    )
 
 
 class DataSource(StrictModel):
@@ -235,6 +241,9 @@ class Config(StrictModel):
         if self.train.compile and self.task in ("ppo", "grpo"):
             raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
                              f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
+        if self.model.add_special_tokens and self.task != "sft":
+            raise ValueError(f"model.add_special_tokens is supported for task=sft; task={self.task} would train "
+                             "without the new tokens' embeddings (remove the key or use task sft)")
         if self.train.label_smoothing and self.task != "sft":
             raise ValueError(f"train.label_smoothing applies to the next-token loss of task=sft, not task={self.task} "
                              "(task=dpo has preference.label_smoothing)")

@@ -311,6 +311,9 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int, margin_field: str 
     if not train_pairs:
         raise DataError(f"{cfg.train.path}: no training pair left of {train_stats.num_records} records "
                         f"(dropped: {dict(train_stats.dropped) or 'none'})")
+    if cfg.validation is not None and not held_pairs:
+        raise DataError(f"{cfg.validation.path}: no held-out pair left of {held_stats.num_records} records "
+                        f"(dropped: {dict(held_stats.dropped) or 'none'})")
     return PreparedPairs(train_pairs, held_pairs, train_stats, held_stats, held)
 
 

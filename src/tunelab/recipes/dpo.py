@@ -54,7 +54,7 @@ from tunelab.training.precision import autocast, pick_device
 from tunelab.training.outputs import holds_run_lock
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run DPO (or IPO/hinge/SimPO/ORPO; KTO in :mod:`tunelab.recipes.kto`) as configured; returns the results

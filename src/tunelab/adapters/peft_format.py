@@ -2,7 +2,8 @@
 
 Directory: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``...lora_B.weight`` (PEFT drops its adapter
-name ``default`` from saved keys) and, for trained extra modules (e.g. a classification head),
+name ``default`` from saved keys), for DoRA ``...lora_magnitude_vector`` (``use_dora: true`` in the
+config) and, for trained extra modules (e.g. a classification head),
 ``base_model.model.<module>.weight`` listed in ``modules_to_save``.
 """
 
@@ -30,6 +31,8 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] = ()) -> dic
     for name, layer in lora_layers(model):
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        if layer.use_dora:
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().contiguous()
     for module_name in modules_to_save:
         for pname, param in model.get_submodule(module_name).named_parameters():
             state[f"{PREFIX}{module_name}.{pname}"] = param.detach().contiguous()
@@ -55,6 +58,7 @@ def save_adapter(
         "lora_alpha": first.alpha,
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
+        "use_dora": first.use_dora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "modules_to_save": list(modules_to_save) or None,
         "bias": "none",
@@ -87,7 +91,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     Works for adapters written by tunelab or by PEFT. Returns the adapter config.
 
     Raises:
-        ModelLoadError: unsupported options (per-layer ranks, DoRA, bias training) or keys that
+        ModelLoadError: unsupported options (per-layer ranks, bias training) or keys that
             do not match the model.
     """
     directory = Path(directory)
@@ -95,19 +99,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     for option in ("rank_pattern", "alpha_pattern"):
         if config.get(option):
             raise ModelLoadError(f"{directory}: adapter uses {option}, which tunelab does not support yet")
-    if config.get("use_dora"):
-        raise ModelLoadError(f"{directory}: DoRA adapters are not supported yet")
     state = load_file(str(directory / WEIGHTS_NAME))
     lora_modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
     inject_lora(
         model, [f"re:{name.replace('.', '[.]')}" for name in lora_modules], r=config["r"],
         alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0) or 0.0,
-        use_rslora=config.get("use_rslora", False),
+        use_rslora=config.get("use_rslora", False), use_dora=bool(config.get("use_dora", False)),
     )
     own = {}
     for key, value in state.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = _magnitude_key(name)
         for module_name in config.get("modules_to_save") or []:
             name = name.replace(f"{module_name}.modules_to_save.default.", f"{module_name}.")
         own[name] = value
@@ -120,7 +123,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.use_dora:
+            layer.lora_magnitude_vector.requires_grad_(True)
     return config
+
+
+def _magnitude_key(name: str) -> str:
+    """PEFT's DoRA magnitude is ``<module>.lora_magnitude_vector`` on disk (``...vector.default.weight``
+    in a live PeftModel's state dict); tunelab's parameter is ``<module>.lora_magnitude_vector``."""
+    for suffix in (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".lora_magnitude_vector"
+    return name
 
 
 def _resolve_saved_module(model: nn.Module, module_name: str) -> str:

@@ -120,6 +120,11 @@ class LoraConfig(StrictModel):
         "e.g. [q_proj, v_proj].",
     )
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA, arXiv:2312.03732).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA (arXiv:2402.09353): also train a magnitude per output feature, W' = m·(W+BA)/||W+BA|| "
+        "(norm detached in backward, §4.3). Saved as PEFT does (use_dora, lora_magnitude_vector).",
+    )
 
 
 class TrainConfig(StrictModel):

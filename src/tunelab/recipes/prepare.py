@@ -126,7 +126,7 @@ def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     if method == "lora":
         lc = config.lora
         names = inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora,
-                            exclude=list(modules_to_save))
+                            exclude=list(modules_to_save), use_dora=lc.use_dora)
         for module_name in modules_to_save:
             model.get_submodule(module_name).requires_grad_(True)
         upcast_trainable(model)

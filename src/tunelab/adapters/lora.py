@@ -182,18 +182,27 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     """Merge every adapter into its base weight; with ``unload`` put the plain linears back.
 
-    A quantized base layer is first replaced by its dequantized ``nn.Linear`` (``dequantize()``),
-    the weight the adapter was trained against, and the update is merged into that.
+    A quantized base layer (one with ``dequantize()``, e.g. NF4) is first replaced by its
+    dequantized ``nn.Linear``, the weight the adapter was trained against, and the update is merged
+    into that; with ``unload`` the quantized layers without an adapter are dequantized too, so the
+    result is a plain model that ``save_pretrained`` writes.
     """
     for name, layer in list(lora_layers(model)):
         if hasattr(layer.base_layer, "dequantize"):
             layer.base_layer = layer.base_layer.dequantize()
         layer.merge()
         if unload:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.base_layer)
+            _replace(model, name, layer.base_layer)
+    if unload:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and hasattr(module, "dequantize"):
+                _replace(model, name, module.dequantize())
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 @contextmanager

@@ -4,7 +4,8 @@ Layout of ``output_dir``:
   * LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout);
     full/freeze: ``config.json`` + ``model.safetensors`` (plain transformers layout),
   * the tokenizer files (with the chat template used in training),
-  * ``config.yaml`` (resolved config), ``tunelab.json`` (version, base model, method, results),
+  * ``config.yaml`` (resolved config), ``tunelab.json`` (version, base model, method, results, and
+    ``base_quantization`` when the adapter was trained on a quantized base, e.g. QLoRA's NF4),
   * ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/``.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from tunelab import __version__
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
+from tunelab.quant.nf4 import quantization_record, requantize_from_record
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
 from tunelab.training.checkpoint import atomic_dir
 
@@ -44,6 +46,8 @@ def save_run(
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
                 "base_model_path": base_path, "task_type": task_type, "results": results}
+        if method == "lora" and quantization_record(model):
+            info["base_quantization"] = quantization_record(model)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
         for item in tmp.iterdir():
             os.replace(item, output_dir / item.name)
@@ -109,6 +113,9 @@ def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tupl
         if info.get("task_type") == "SEQ_CLS" and "num_labels" not in kwargs:
             kwargs["num_labels"] = saved_head_outputs(run_dir)
         model = load_model(base, auto_class, **kwargs)
+        if info.get("base_quantization"):  # the adapter was trained on this quantized base: rebuild it
+            config = json.loads((run_dir / "adapter_config.json").read_text())
+            requantize_from_record(model, info["base_quantization"], exclude=list(config.get("modules_to_save") or []))
         load_adapter(model, run_dir)
     else:
         model = load_model(str(run_dir), auto_class, **kwargs)

@@ -14,6 +14,8 @@ from torch import nn
 from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
+from tunelab.quant.nf4 import quantize_frozen_linears
+from tunelab.training.distributed import env_world_size
 from tunelab.training.checkpoint import list_checkpoints
 
 
@@ -125,6 +127,7 @@ def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     method = config.train.method
     if method == "lora":
         lc = config.lora
+        quantize_base(model, config.model.quantize, exclude=list(modules_to_save))
         names = inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora,
                             exclude=list(modules_to_save), use_dora=lc.use_dora)
         for module_name in modules_to_save:
@@ -141,6 +144,23 @@ def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     else:
         model.requires_grad_(True)
     return []
+
+
+def quantize_base(model: nn.Module, quantize: str, exclude: list[str] = ()) -> list[str]:
+    """Store the frozen base's linear layers as ``model.quantize`` says (before LoRA goes on top).
+
+    Returns the quantized module names (none for ``quantize="none"``).
+
+    Raises:
+        TunelabError: several processes (not supported with a quantized base), or a device/shape the
+            backend cannot handle (each naming ``model.quantize``).
+    """
+    if quantize == "none":
+        return []
+    if env_world_size() > 1:
+        raise TunelabError(f"model.quantize={quantize} is not supported with several processes (ddp/fsdp); "
+                           "train on one process or set model.quantize=none")
+    return quantize_frozen_linears(model, exclude)
 
 
 def weights_dtype(config: Config, device: torch.device) -> torch.dtype:

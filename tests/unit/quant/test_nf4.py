@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.quant.nf4 import NF4Linear, quantize_frozen_linears, quantize_weight, quantized_bytes, scaler_block_size
+from tunelab.quant.nf4 import NF4Linear, dequantize_nf4, quantize_frozen_linears, quantize_weight, quantized_bytes, scaler_block_size
 
 pytest.importorskip("torchao")
 
@@ -54,6 +54,14 @@ def test_round_trip_error_is_bounded_by_half_the_widest_level_gap():
     assert (deq - weight).abs().mean() < 0.1 * weight.abs().mean() + 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dequantization_is_bit_identical_to_torchaos(dtype):
+    torch.manual_seed(0)
+    nf4 = quantize_weight(torch.randn(192, 576).to(dtype))  # 1728 blocks: groups of 216
+    assert torch.equal(dequantize_nf4(nf4), nf4.get_original_weight())
+    assert dequantize_nf4(nf4).dtype == dtype
+
+
 def test_scaler_groups_divide_the_block_count():
     assert scaler_block_size(2048 * 2048) == 256  # Llama shapes: the QLoRA paper's 256
     assert scaler_block_size(192 * 576) == 216  # SmolLM2's k_proj: 1728 blocks
@@ -90,3 +98,16 @@ def test_a_device_the_backend_cannot_handle_is_an_error_naming_model_quantize():
     model = nn.Sequential(nn.Linear(64, 64, device="meta"))
     with pytest.raises(TunelabError, match=r"model\.quantize.*device meta"):
         quantize_frozen_linears(model)
+
+
+def test_under_bf16_autocast_the_matmul_runs_in_bf16_and_the_input_gradient_keeps_its_dtype():
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    expected = torch.ones(4, 32, dtype=torch.bfloat16) @ layer.dense_weight()
+    assert torch.allclose(x.grad, expected.float(), atol=1e-2)

@@ -159,3 +159,22 @@ def test_row_norm_by_hand():
     weight = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     assert torch.equal(row_norm(weight), torch.tensor([5.0, 1.0]))
     assert torch.equal(row_norm(weight, torch.tensor([[2.0, 8.0], [0.0, 0.0]])), torch.tensor([13.0, 1.0]))
+
+
+def test_a_dora_adapter_missing_a_magnitude_is_refused_and_the_model_left_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    from tunelab.errors import ModelLoadError
+
+    adapted = make_tiny_llama()
+    inject_lora(adapted, TARGETS, r=4, alpha=8, use_dora=True)
+    randomize(adapted)
+    save_adapter(adapted, tmp_path / "adapter", base_model_name_or_path="tiny")
+    path = tmp_path / "adapter" / WEIGHTS_NAME
+    state = load_file(str(path))
+    del state["base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"]
+    save_file(state, str(path))
+    ours = make_tiny_llama()
+    with pytest.raises(ModelLoadError, match=r"without the magnitude of 1 of 6 modules.*layers\.1\.self_attn\.v_proj"):
+        load_adapter(ours, tmp_path / "adapter")
+    assert not list(lora_layers(ours))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config.base import StrictModel
 from tunelab.config.classification import ClassificationConfig
@@ -52,6 +52,12 @@ class ModelConfig(StrictModel):
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, "
         "or an inline Jinja template. Default: the tokenizer's own template.",
     )
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the vocabulary as special tokens (e.g. ['<tool_call>', '</tool_call>'], task "
+        "sft). The embeddings grow by one row each, initialised to the mean of the existing rows, and are "
+        "trained; with LoRA the embedding and output head are saved in full as PEFT modules_to_save.",
+    )
 
 
 class DataSource(StrictModel):
@@ -82,7 +88,13 @@ class DataConfig(StrictModel):
         description="Map a canonical field (messages, conversations, instruction, input, output, prompt, "
         "completion, text, system) to the column your data uses, e.g. {prompt: question}.",
     )
-    system_prompt: str | None = Field(None, description="System message added to every conversation that has none.")
+    system_prompt: str = Field(
+        "default",
+        description="System prompt of conversations that have none: 'default' keeps what the chat template "
+        "writes (SmolLM2's and Qwen2.5's write a default one into every example), 'none' writes none, any other "
+        "text is that system prompt. Applied to the chat template, so training and serving (chat, sample "
+        "answers, RL prompts, the saved tokenizer) render the same.",
+    )
     max_seq_len: int = Field(1024, ge=8, description="Longest example in tokens.")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
@@ -100,7 +112,16 @@ class DataConfig(StrictModel):
         "restarting per example so none attends across a boundary (no padding).",
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_validation_examples: int | None = Field(
+        None, ge=1, description="task=dpo (all losses, kto included) and reward: use only the first N records of "
+        "data.validation (null = all).",
+    )
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
+
+    @field_validator("system_prompt", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        return "default" if value is None else value
 
     @model_validator(mode="after")
     def _held_out_is_not_train(self) -> DataConfig:
@@ -175,6 +196,12 @@ class TrainConfig(StrictModel):
         True, description="Compute the LM loss in chunks of tokens so full-vocab logits are never materialized."
     )
     ce_chunk_size: int = Field(1024, ge=16, description="Tokens per cross-entropy chunk.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="task=sft: label smoothing ε of the next-token loss, (1-ε)·NLL + ε·mean over the vocabulary "
+        "of -log p (Szegedy et al. 2016), summed over supervised tokens and divided by their count in the whole "
+        "step (so accumulation and packing leave it unchanged). Held-out loss/perplexity stay the plain NLL.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     log_every: int = Field(1, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (null = end only).")
@@ -225,6 +252,12 @@ class Config(StrictModel):
         if self.train.compile and self.task in ("ppo", "grpo"):
             raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
                              f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
+        if self.model.add_special_tokens and self.task != "sft":
+            raise ValueError(f"model.add_special_tokens is supported for task=sft; task={self.task} would train "
+                             "without the new tokens' embeddings (remove the key or use task sft)")
+        if self.train.label_smoothing and self.task != "sft":
+            raise ValueError(f"train.label_smoothing applies to the next-token loss of task=sft, not task={self.task} "
+                             "(task=dpo has preference.label_smoothing)")
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
         self._check_preference()
@@ -258,5 +291,9 @@ class Config(StrictModel):
         if self.preference is None:
             self.preference = PreferenceConfig()
         self.preference.check_against(self.task, self.train.method)
+        if self.task == "dpo" and self.preference.loss == "kto" and self.data.packing \
+                and "packing" in self.data.model_fields_set:
+            raise ValueError("preference.loss=kto batches each example with a mismatched completion and never "
+                             "packs; remove data.packing or set it to false")
         if self.data.format != "auto":
             raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")

@@ -35,10 +35,7 @@ def load_canonical(source: DataSource, cfg: DataConfig, limit: int | None = None
     fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], cfg.columns)
     examples = []
     for i, record in enumerate(records, start=1):
-        example = to_example(record, fmt, cfg.columns, where=f"{source.path} record #{i}")
-        if cfg.system_prompt and "messages" in example and example["messages"][0]["role"] != "system":
-            example["messages"].insert(0, {"role": "system", "content": cfg.system_prompt})
-        examples.append(example)
+        examples.append(to_example(record, fmt, cfg.columns, where=f"{source.path} record #{i}"))
     return examples, fmt
 
 
@@ -48,8 +45,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     The held-out split is ``cfg.validation`` if set, else a seeded ``val_fraction`` of train.
 
     Raises:
-        DataError: bad records (see :mod:`tunelab.data.formats`), or no training example left
-            after filtering (the message gives the drop counts).
+        DataError: bad records (see :mod:`tunelab.data.formats`), or no training example (or, from
+            a ``cfg.validation`` file, no held-out example) left after filtering; the message names
+            the file and gives the drop counts.
     """
     train_examples, fmt = load_canonical(cfg.train, cfg, cfg.max_examples)
     if cfg.validation is not None:
@@ -68,10 +66,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     validation, val_stats = tokenize_all(val_examples, encode)
     if not train:
         raise DataError(
-            f"no training examples left after filtering {train_stats.num_records} records "
+            f"{cfg.train.path}: no training examples left after filtering {train_stats.num_records} records "
             f"(dropped: {dict(train_stats.dropped) or 'none'}); check data.max_seq_len, data.overlong "
             "and data.supervise"
         )
+    if cfg.validation is not None and not validation:
+        raise DataError(f"{cfg.validation.path}: no held-out example left after filtering {val_stats.num_records} "
+                        f"records (dropped: {dict(val_stats.dropped) or 'none'})")
     return PreparedData(train, validation, train_stats, val_stats, val_examples, fmt)
 
 

@@ -7,20 +7,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelab.data.encoding import prompt_ids
+from tunelab.data.stop_tokens import stop_token_ids
+
 
 def encode_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
     """Render conversations with the generation prompt and left-pad them into one batch.
 
-    Returns ``input_ids`` (B, T) and ``attention_mask`` (B, T), padded on the left so every
-    prompt ends at the last column and generation continues from the same position.
+    Returns ``input_ids`` (B, T) int64 and ``attention_mask`` (B, T) int64 (1 = token), padded on
+    the left so every prompt ends at the last column and generation continues from the same
+    position. Ids come from :func:`tunelab.data.encoding.prompt_ids` (the training BOS policy).
     """
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    rows = [prompt_ids(tokenizer, c) for c in conversations]  # the ids training sees for this prefix
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @torch.no_grad()
@@ -30,7 +33,8 @@ def generate_replies(
 ) -> list[str]:
     """The assistant's next reply to each conversation (greedy by default), as text.
 
-    Stops at the tokenizer's EOS (the end-of-turn token for chat models) or ``max_new_tokens``.
+    Stops at EOS or the chat template's end-of-turn token(s) (:func:`tunelab.data.stop_tokens.stop_token_ids`,
+    the ids training supervises at the end of each reply), or after ``max_new_tokens``.
     """
     was_training = model.training
     model.eval()
@@ -41,10 +45,17 @@ def generate_replies(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    stop_ids = stop_token_ids(tokenizer)
     out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        **batch, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **kwargs,
     )
     model.train(was_training)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [tokenizer.decode(_until_stop(row, stop_ids), skip_special_tokens=True).strip() for row in new]
+
+
+def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The tokens before the first stop token (the stop token and the padding after it dropped)."""
+    stops = [i for i, token in enumerate(ids) if token in stop_ids]
+    return ids[:stops[0]] if stops else ids

@@ -22,10 +22,8 @@ into place once all ranks are done.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from torch import nn
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+from tunelab.training.outputs import atomic_dir, commit_dir  # noqa: F401  (the one place that writes)
 
 if TYPE_CHECKING:
     from tunelab.training.distributed import Runtime
@@ -56,23 +55,6 @@ class TrainState:
     micro_batches: int = 0
     micro_batch_size: int | None = None
     micro_batches_per_step: int | None = None
-
-
-def atomic_dir(target: Path) -> Path:
-    """A fresh temp directory next to ``target``; pair with :func:`commit_dir`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-
-
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temp directory into place, replacing an older ``target`` only at the end."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def save_checkpoint(
@@ -170,12 +152,20 @@ def _prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a ``step-<N>`` checkpoint directory holds (any number of digits), else None."""
+    prefix, _, digits = path.name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: ordered by their step number, not by name, so
+    ``step-1000000`` comes after ``step-999999`` (names are zero-padded to 6 digits only)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    found = [p for p in root.glob("step-*") if checkpoint_step(p) is not None and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(
@@ -224,6 +214,11 @@ def _load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> TrainSt
     own = path / f"rng-rank{rank:05d}.pt"
     _set_rng_state(torch.load(own if own.is_file() else path / "rng-rank00000.pt", weights_only=False))
     return _read_state(path)
+
+
+def saved_world_size(path: Path) -> int:
+    """How many processes wrote the checkpoint at ``path`` (``state.json``; 1 in older checkpoints)."""
+    return int(json.loads((path / "state.json").read_text()).get("world_size", 1))
 
 
 def _read_state(path: Path) -> TrainState:

@@ -27,17 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.training.checkpoint import TrainState, clear_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.training.checkpoint import (
+    TrainState, clear_checkpoints, load_checkpoint, save_checkpoint, saved_world_size,
+)
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
+from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
+from tunelab.training.progress import training_progress
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -89,7 +92,8 @@ def fit(
 
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
-            checkpoint does not fit the model or the batch size; ``cfg.compile`` and
+            checkpoint does not fit the model or the batch size, or took another ``world_size × grad_accum``
+            (:func:`check_same_step_size`); ``cfg.compile`` and
             ``torch.compile`` failed (the message names ``train.compile``).
     """
     if runtime is None:
@@ -119,7 +123,7 @@ def fit(
         if runtime.is_main else None
     batches = _BatchStream(plan)
     model.train()
-    with compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
+    with compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -141,11 +145,13 @@ def fit(
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                 _log_eval(evaluate, wrapped, model, log, state.step, progress)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                runtime=runtime)
+                with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+                    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                    runtime=runtime)
         if evaluate:
             _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
-    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+    with writing_checkpoint(output_dir, state.step):
+        save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)
 
@@ -156,19 +162,39 @@ def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: 
     if state.micro_batch_size is not None and state.micro_batch_size != cfg.batch_size:
         raise TunelabError(f"checkpoint {path} was trained with train.batch_size={state.micro_batch_size}; "
                            f"resume with the same batch size (got {cfg.batch_size})")
-    per_step = cfg.grad_accum * runtime.world_size
-    if state.micro_batches_per_step not in (None, per_step) and runtime.is_main:
-        old = state.micro_batches_per_step
-        print(f"warning: the checkpoint took {old} micro-batches per step, this run takes {per_step} "
-              f"({runtime.world_size} ranks × grad_accum {cfg.grad_accum}); set train.grad_accum="
-              f"{old / runtime.world_size:g} to keep the same global batch")
-    state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, per_step
+    check_same_step_size(path, state, cfg.grad_accum, runtime.world_size)
+    state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, cfg.grad_accum * runtime.world_size
     # The optimizer's restored rates follow the checkpointed run's schedule; when this run has another
     # length (a finished run resumed with a larger train.max_steps), they would hold for one step (e.g.
     # 0 at the end of a decay). Set them from this run's schedule at the resumed step.
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     return state
+
+
+def check_same_step_size(path: Path, state: TrainState, grad_accum: int, world_size: int) -> None:
+    """A resumed run must take as many micro-batches per optimizer step as the checkpointed one.
+
+    The data position is counted in micro-batches and the LR schedule in steps: with another
+    ``world_size × grad_accum`` the remaining steps, the schedule and what one epoch is would all
+    change silently. The same product on another number of processes (2 ranks × 4 → 1 × 8) resumes
+    exactly (ranks take disjoint round-robin shares of the same micro-batches).
+
+    Raises:
+        TunelabError: the products differ; names both and the ``train.grad_accum`` that would match.
+    """
+    saved = state.micro_batches_per_step
+    per_step = grad_accum * world_size
+    if saved is None or saved == per_step:  # None: a checkpoint from before the count was recorded
+        return
+    saved_world = saved_world_size(path)
+    fix = (f"set train.grad_accum={saved // world_size} to resume exactly on {world_size} process(es)"
+           if saved % world_size == 0 else f"resume on a number of processes that divides {saved}")
+    raise TunelabError(
+        f"--resume: checkpoint {path} took world_size × grad_accum = {saved_world} × {saved // saved_world} = "
+        f"{saved} micro-batches per optimizer step; this run takes {world_size} × {grad_accum} = {per_step}. "
+        f"Resuming would silently change the remaining steps, the LR schedule and what an epoch is, so nothing "
+        f"was changed: {fix}, or start again with --overwrite")
 
 
 def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, device, runtime,
@@ -199,7 +225,7 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
     record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
               "tokens": int(totals.pop("tokens")), "units": normalizer}
-    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
+    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens", "num_correct")})
     return record
 
 
@@ -227,10 +253,3 @@ class _BatchStream:
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, self.plan.make_epoch(epoch)
         return self.batches[offset]
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet,
-    )

@@ -129,18 +129,42 @@ def _child(kind: str, kwargs: dict) -> dict:
     return {**result, "load_avg_1min": [load_before, os.getloadavg()[0]]}
 
 
+def child_command(kind: str, kwargs: dict) -> list[str]:
+    return [sys.executable, "-m", "bench.qlora_dora", "child", kind, json.dumps(kwargs)]
+
+
 def run_child(kind: str, timeout_s: float | None = None, **kwargs) -> dict:
     """One setting in a fresh interpreter (its own ru_maxrss); an error dict instead of raising."""
-    cmd = [sys.executable, "-m", "bench.qlora_dora", "child", kind, json.dumps(kwargs)]
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(kwargs.get("threads")), stdout=subprocess.PIPE,
-                              text=True, timeout=timeout_s)
+        proc = subprocess.run(child_command(kind, kwargs), cwd=REPO_ROOT, env=child_env(kwargs.get("threads")),
+                              stdout=subprocess.PIPE, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"kind": kind, "error": f"timed out after {timeout_s} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if proc.returncode or not lines:
-        return {"kind": kind, "error": f"exit code {proc.returncode}"}
+    return _parse_child(kind, proc.returncode, proc.stdout)
+
+
+def _parse_child(kind: str, returncode: int, stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if returncode or not lines:
+        return {"kind": kind, "error": f"exit code {returncode}"}
     return json.loads(lines[-1])
+
+
+def run_children_concurrently(jobs: list[tuple[str, dict]], timeout_s: float | None) -> list[dict]:
+    """All settings at once, each in its own process (own ru_maxrss); for a machine too loaded to run them
+    one after another in time. They then compete for the same cores: compare their tok/s only with each other."""
+    procs = [(kind, subprocess.Popen(child_command(kind, kw), cwd=REPO_ROOT, env=child_env(kw.get("threads")),
+                                     stdout=subprocess.PIPE, text=True)) for kind, kw in jobs]
+    deadline = time.monotonic() + (timeout_s or 1e9)
+    results = []
+    for kind, proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(_parse_child(kind, proc.returncode, out))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            results.append({"kind": kind, "error": f"timed out after {timeout_s} s"})
+    return results
 
 
 def table(results: list[dict]) -> str:
@@ -176,6 +200,17 @@ def run_cpu(args) -> list[dict]:
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-qd-data-") as tmp:
         train_path, val_path = export_quickstart_data(pathlib.Path(tmp))
+        if args.concurrent:
+            examples = peer_examples_per_step(train_path, args.peer_tokens_per_step)
+            jobs = [("tunelab", {"name": n, "steps": args.steps, "threads": args.threads}) if n in TUNELAB_SETTINGS
+                    else ("peer", {"model_dir": str(smollm2_dir()), "data_path": str(train_path), "mode": "padding_free",
+                                   "steps": args.steps, "examples_per_step": examples, "lr": 3e-4,
+                                   "threads": args.threads, "use_dora": PEER_SETTINGS[n],
+                                   "eval_data_path": str(val_path)}) for n in wanted]
+            results = run_children_concurrently(jobs, args.timeout_s)
+            if args.json_out:
+                pathlib.Path(args.json_out).write_text(json.dumps(results, indent=1))
+            return results
         examples = None
         for name in wanted:
             print(f"[qlora_dora] {name} ...", file=sys.stderr, flush=True)
@@ -208,6 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=None)
     ap.add_argument("--settings", default=",".join(ORDER), help=f"comma-separated subset of {ORDER}")
+    ap.add_argument("--concurrent", action="store_true", help="run the settings at the same time (loaded machines)")
+    ap.add_argument("--peer-tokens-per-step", type=float, default=1000.0,
+                    help="with --concurrent: real tokens per peer step (tunelab's quickstart step is ≈ 2 rows ≤ 512)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     cmd = " ".join(["python -m bench.qlora_dora", *argv])

@@ -21,6 +21,17 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 97, tie: bool = True, dropo
     return model
 
 
+def make_tiny_gpt2(seed: int = 0, vocab_size: int = 50):
+    """A 2-layer GPT-2 (learned position embeddings wte/wpe, LayerNorms, Conv1D projections with biases,
+    tied LM head) with random weights, fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=vocab_size, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

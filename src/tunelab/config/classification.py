@@ -1,4 +1,7 @@
-"""The ``classification`` config section (``task: classification``): fields, labels, head, selection.
+"""The ``classification`` config section (``task: classification``): fields, labels, head.
+
+Best-checkpoint selection and early stopping are ``train.metric_for_best`` / ``train.early_stopping_*``
+(shared by every task); :data:`METRICS` lists the names classification reports for them.
 
 Kept in its own module so the schema stays readable; :mod:`tunelab.config.schema` imports it.
 Like every section it is strict: unknown keys are errors, and defaults live only here.
@@ -6,7 +9,7 @@ Like every section it is strict: unknown keys are errors, and defaults live only
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,13 +17,13 @@ from tunelab.config.base import StrictModel
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 
-# Metrics each problem type reports, and which of them are better when lower.
+# Metrics each problem type reports (the names train.metric_for_best may use).
 METRICS: dict[str, tuple[str, ...]] = {
     "single_label": ("loss", "accuracy", "macro_f1", "weighted_f1", "roc_auc"),
     "multi_label": ("loss", "subset_accuracy", "micro_f1", "macro_f1", "roc_auc"),
     "regression": ("loss", "mse", "mae", "r2"),
 }
-LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
+MOVED_TO_TRAIN = ("metric_for_best", "early_stopping_patience", "early_stopping_min_delta")
 # Our problem types → transformers' ``config.problem_type``.
 HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                     "regression": "regression"}
@@ -64,27 +67,17 @@ class ClassificationConfig(StrictModel):
     truncation_side: Literal["right", "left"] = Field(
         "right", description="Texts longer than data.max_seq_len keep their start ('right') or end ('left')."
     )
-    metric_for_best: str = Field(
-        "loss",
-        description="Held-out metric that picks the best evaluation (its weights are the ones saved): "
-        "single_label: loss|accuracy|macro_f1|weighted_f1|roc_auc; multi_label: "
-        "loss|subset_accuracy|micro_f1|macro_f1|roc_auc; regression: loss|mse|mae|r2.",
-    )
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without improving metric_for_best (null = off)."
-    )
-    early_stopping_min_delta: float = Field(
-        0.0, ge=0.0, description="Smallest change of metric_for_best that counts as an improvement."
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = sorted(k for k in MOVED_TO_TRAIN if isinstance(data, dict) and k in data)
+        if moved:
+            raise ValueError(f"classification.{moved[0]} is now train.{moved[0]} (best-checkpoint selection and early "
+                             "stopping are shared by every task); move it to the train section")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ClassificationConfig:
-        allowed = METRICS[self.problem_type]
-        if self.metric_for_best not in allowed:
-            raise ValueError(
-                f"metric_for_best '{self.metric_for_best}' is not reported for problem_type "
-                f"{self.problem_type}; choose one of {list(allowed)}"
-            )
         if self.problem_type == "regression" and self.class_weights != "none":
             raise ValueError("class_weights apply to single_label and multi_label, not regression")
         if self.labels is not None:
@@ -99,7 +92,3 @@ class ClassificationConfig(StrictModel):
                 raise ValueError(f"class_weights has {len(self.class_weights)} entries for {len(self.labels)} labels")
         return self
 
-
-def higher_is_better(metric: str) -> bool:
-    """True when a larger value of ``metric`` is better (accuracy, F1, AUC, r2)."""
-    return metric not in LOWER_IS_BETTER

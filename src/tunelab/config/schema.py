@@ -16,6 +16,7 @@ from tunelab.config.classification import ClassificationConfig
 from tunelab.config.distributed import DistributedConfig
 from tunelab.config.preference import PreferenceConfig
 from tunelab.config.rl import RLConfig
+from tunelab.config.selection import check_metric_for_best
 
 
 class ModelConfig(StrictModel):
@@ -206,7 +207,42 @@ class TrainConfig(StrictModel):
     log_every: int = Field(1, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (null = end only).")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints (null = end only).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    keep_last: int = Field(
+        2, ge=1, description="Checkpoints kept; older ones are deleted (the best one, with metric_for_best, never)."
+    )
+    metric_for_best: str | None = Field(
+        None,
+        description="Held-out metric that picks the best checkpoint; its weights are the ones the run saves, it "
+        "is never rotated away and it is recorded in the training state (kept across --resume). sft: "
+        "loss|ppl|token_accuracy; dpo: loss|policy/accuracy|policy/margin|policy/accuracy_per_token|"
+        "policy/margin_per_token|rewards/accuracy|rewards/margins (preference.loss kto: loss|pairs/policy/accuracy|"
+        "pairs/policy/margin|pairs/rewards/accuracy|pairs/rewards/margins); reward: loss|accuracy|margin; classification "
+        "single_label: loss|accuracy|macro_f1|weighted_f1|roc_auc, multi_label: loss|subset_accuracy|micro_f1|"
+        "macro_f1|roc_auc, regression: loss|mse|mae|r2. loss/ppl/mse/mae are better lower. Needs held-out data, "
+        "and with eval_every a save_every that divides it (every evaluated step is saved). null = the final "
+        "weights are saved.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row without improving metric_for_best "
+        "(null = off). The stopped run is finished: it saves the best weights and cannot be resumed."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest change of metric_for_best that counts as an improvement."
+    )
+
+    @model_validator(mode="after")
+    def _best_can_be_saved(self) -> TrainConfig:
+        if self.early_stopping_patience is not None and self.metric_for_best is None:
+            raise ValueError("train.early_stopping_patience needs train.metric_for_best (the metric to watch)")
+        if self.metric_for_best is None or self.eval_every is None:
+            return self  # no selection, or only the final evaluation (always saved)
+        if self.save_every is None or self.eval_every % self.save_every:
+            raise ValueError(
+                f"train.metric_for_best={self.metric_for_best} with train.eval_every={self.eval_every} and "
+                f"train.save_every={self.save_every}: an evaluated step without a checkpoint could be the best and "
+                f"could not be saved; set train.save_every to {self.eval_every} (or a divisor of it)"
+            )
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -260,6 +296,9 @@ class Config(StrictModel):
                              "(task=dpo has preference.label_smoothing)")
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
+        check_metric_for_best(self.task, self.train.metric_for_best,
+                              self.classification.problem_type if self.classification else None,
+                              self.preference.loss if self.preference else None)
         self._check_preference()
         self._check_quantize()
         if self.task in ("ppo", "grpo") or self.rl is not None:

@@ -48,7 +48,7 @@ from tunelab.recipes.prepare import (
     setup_trainable, upcast_trainable, weights_dtype,
 )
 from tunelab.recipes.reward import wilson_interval
-from tunelab.training.loop import Batch, BatchPlan, fit
+from tunelab.training.loop import Batch, BatchPlan, fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
 from tunelab.training.outputs import holds_run_lock
@@ -108,12 +108,11 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     result = fit(model, plan, lambda m, b, n: preference_step_loss(m, b, n, reference, pc), lambda b: b["num_pairs"],
                  tc, output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
                  device=device)
-    last = next((r for r in reversed(result.history) if "eval/loss" in r), None)
-    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} if last else None
+    after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
     answers_after = _answers(model, tokenizer, prompts, config)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(),
                "loss": pc.loss, "beta": pc.beta, "reference": kind, "held_out_before": before,
-               "held_out_after": after, "steps": result.state.step,
+               "held_out_after": after, "steps": result.state.step, **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}

@@ -38,14 +38,17 @@ from tunelab.recipes.prepare import (
     before_training, check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable,
     weights_dtype,
 )
-from tunelab.training.loop import Batch, fit
+from tunelab.training.loop import Batch, fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
 
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
-    """Run KTO as configured; returns the results stored in ``tunelab.json``."""
+    """Run KTO as configured; returns the results stored in ``tunelab.json``.
+
+    Entered through :func:`tunelab.recipes.dpo.train` (``task: dpo``, ``preference.loss: kto``), whose
+    decorator has already checked and locked ``output_dir`` for the whole run."""
     console = console or Console()
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data
@@ -90,12 +93,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     result = fit(model, plan, lambda m, b, n: kto_step_loss(m, b, n, reference, pc), lambda b: b["num_pairs"],
                  tc, output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
                  device=device)
-    last = next((r for r in reversed(result.history) if "eval/loss" in r), None)
-    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} if last else None
+    after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
     answers_after = _answers(model, tokenizer, prompts, config)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(), "loss": "kto",
                "beta": pc.beta, "desirable_weight": pc.desirable_weight, "undesirable_weight": pc.undesirable_weight,
                "reference": kind, "held_out_before": before, "held_out_after": after, "steps": result.state.step,
+               **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}

@@ -39,7 +39,7 @@ from tunelab.recipes.prepare import (
     before_training, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
 )
-from tunelab.training.loop import fit
+from tunelab.training.loop import fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
 from tunelab.training.outputs import holds_run_lock
@@ -112,10 +112,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     result = fit(model, plan, lambda m, b, n: reward_loss(m, b, n, use_margin), lambda b: b["num_pairs"], tc,
                  output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
                  device=device)
-    last = next((r for r in reversed(result.history) if "eval/accuracy" in r), None)
-    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} if last else None
+    after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(),
                "linear_probe": probe, "held_out_before": before, "held_out_after": after, "steps": result.state.step,
+               **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1)}
     model.train(False)
     save_run(output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path, config_yaml=config_yaml,

@@ -31,7 +31,7 @@ from tunelab.recipes.prepare import (
     before_training, check_output_dir, configure_attention_backends, count_parameters,
     seed_everything, setup_trainable, weights_dtype,
 )
-from tunelab.training.loop import fit
+from tunelab.training.loop import fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.distributed import init_distributed
 from tunelab.training.outputs import holds_run_lock
@@ -99,13 +99,14 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         lambda b: b["num_supervised"], tc, output_dir, config_yaml,
         evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device, runtime=runtime,
     )
-    after = next((r for r in reversed(result.history) if "eval/loss" in r), None)
-    after = {k: after[f"eval/{k}"] for k in ("loss", "ppl", "token_accuracy")} if after else None
+    after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
+    after = {k: after[k] for k in ("loss", "ppl", "token_accuracy")} if after else None
     with runtime.full_weights():  # FSDP: gather the shards so the model generates and saves as a whole
         answers_after = _answers(model, tokenizer, prompts, config)
 
     results = {"train": data.train_stats.summary(), "held_out_before": before, "held_out_after": after,
-               "steps": result.state.step, "train_seconds": round(time.perf_counter() - started, 1),
+               "steps": result.state.step, **selection_results(result, tc),
+               "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": p[-1]["content"], "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
     model.train(False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -49,28 +49,36 @@ class TrainState:
 
     ``micro_batch_size`` (sequences or packed rows per micro-batch) gives the data position its unit;
     ``micro_batches_per_step`` is ``grad_accum × world_size``. Both are None in older checkpoints.
+    With ``train.metric_for_best`` (:mod:`tunelab.training.selection`): ``best_step`` and ``best_value``
+    of the best evaluation so far (its checkpoint is never pruned), ``evals_since_best`` for early
+    stopping, and ``stopped_early`` once it stopped the run.
     """
 
     step: int = 0
     micro_batches: int = 0
     micro_batch_size: int | None = None
     micro_batches_per_step: int | None = None
+    best_step: int | None = None
+    best_value: float | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 def save_checkpoint(
     output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
     config_yaml: str, keep_last: int, *, runtime: Runtime | None = None,
 ) -> Path:
-    """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``.
+    """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``
+    (and the best, ``state.best_step``, which is never deleted).
 
     With a distributed ``runtime`` this is collective (every rank calls it) and writes the DCP
     layout; ``model`` is the unwrapped model (its parameters may be FSDP ``DTensor`` shards).
     """
-    target = output_dir / "checkpoints" / f"step-{state.step:06d}"
+    target = checkpoint_dir(output_dir, state.step)
     if runtime is not None and runtime.is_distributed:
         _save_sharded(target, model, optimizer, scheduler, state, config_yaml, runtime)
         if runtime.is_main:
-            _prune(output_dir, keep_last)
+            _prune(output_dir, keep_last, state.best_step)
         runtime.barrier()
         return target
     tmp = atomic_dir(target)
@@ -84,7 +92,7 @@ def save_checkpoint(
         commit_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _prune(output_dir, keep_last)
+    _prune(output_dir, keep_last, state.best_step)
     return target
 
 
@@ -147,9 +155,11 @@ def clear_checkpoints(output_dir: Path) -> int:
     return len(old)
 
 
-def _prune(output_dir: Path, keep_last: int) -> None:
+def _prune(output_dir: Path, keep_last: int, best_step: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never the one of ``best_step``."""
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_step(old) != best_step:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -223,6 +233,28 @@ def saved_world_size(path: Path) -> int:
 
 def _read_state(path: Path) -> TrainState:
     data = json.loads((path / "state.json").read_text())
-    return TrainState(step=data["step"], micro_batches=data["micro_batches"],
-                      micro_batch_size=data.get("micro_batch_size"),
-                      micro_batches_per_step=data.get("micro_batches_per_step"))
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in data.items() if k in known})
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    """Where the checkpoint of optimizer ``step`` lives."""
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def load_trainable_weights(path: Path, model: nn.Module) -> None:
+    """Load only the trainable weights of the checkpoint at ``path`` into ``model`` (e.g. the best one at
+    the end of a run); optimizer, scheduler and RNG are untouched. Collective for a sharded checkpoint
+    under a distributed run."""
+    if (path / DCP_METADATA).is_file():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, set_model_state_dict,
+        )
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        state = get_model_state_dict(model, options=options)
+        dcp.load({"model": state}, checkpoint_id=path)
+        set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        return
+    model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)

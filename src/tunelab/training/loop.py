@@ -15,6 +15,9 @@ takes ``grad_accum × world_size`` micro-batches, each rank a disjoint round-rob
 ``normalizer`` is then the unit count of the whole step summed over all ranks, and gradients are
 summed across ranks, so N ranks × batch b train exactly like 1 rank × batch N·b. Only rank 0 logs,
 shows progress and writes metrics; checkpoints are sharded (see :mod:`tunelab.training.checkpoint`).
+
+With ``train.metric_for_best`` every evaluation competes for the best checkpoint, early stopping may
+end the run, and the best weights are loaded back at the end (:mod:`tunelab.training.selection`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import (
-    TrainState, clear_checkpoints, load_checkpoint, save_checkpoint, saved_world_size,
+    TrainState, checkpoint_dir, clear_checkpoints, load_checkpoint, load_trainable_weights, save_checkpoint,
+    saved_world_size,
 )
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
@@ -41,6 +45,7 @@ from tunelab.training.optim import build_optimizer, build_scheduler, checked_ste
 from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
 from tunelab.training.progress import training_progress
+from tunelab.training.selection import BestTracker
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -60,6 +65,14 @@ class FitResult:
 
     state: TrainState
     history: list[dict[str, Any]]
+
+    def held_out(self) -> dict[str, Any] | None:
+        """Held-out metrics (``eval/`` prefix removed) of the weights ``fit`` left in the model: the
+        evaluation at ``state.best_step`` with ``train.metric_for_best``, else the last one; None if none."""
+        evals = [r for r in self.history if any(k.startswith("eval/") for k in r)]
+        best = self.state.best_step
+        chosen = next((r for r in reversed(evals) if best is None or r["step"] == best), None)
+        return {k.removeprefix("eval/"): v for k, v in chosen.items() if k.startswith("eval/")} if chosen else None
 
 
 def total_steps(plan: BatchPlan, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -88,12 +101,14 @@ def fit(
             every rank (inside the wrapper).
 
     Returns:
-        The final state and the logged records (the same on every rank).
+        The final state and the logged records (the same on every rank). With ``cfg.metric_for_best``
+        the model holds the best evaluation's weights (loaded from its checkpoint), not the last step's.
 
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
             checkpoint does not fit the model or the batch size, or took another ``world_size × grad_accum``
-            (:func:`check_same_step_size`); ``cfg.compile`` and
+            (:func:`check_same_step_size`), or stopped early; ``cfg.metric_for_best`` without ``evaluate``
+            or naming a metric ``evaluate`` does not report; ``cfg.compile`` and
             ``torch.compile`` failed (the message names ``train.compile``).
     """
     if runtime is None:
@@ -105,15 +120,14 @@ def fit(
     optimizer = build_optimizer(model, cfg)
     num_steps = total_steps(plan, cfg, runtime.world_size)
     scheduler = build_scheduler(optimizer, cfg, num_steps)
+    tracker = BestTracker.from_config(cfg)
+    if tracker is not None and evaluate is None:
+        raise TunelabError(f"train.metric_for_best={cfg.metric_for_best} needs held-out data to evaluate: set "
+                           "data.validation or data.val_fraction, or remove train.metric_for_best")
     state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
         state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
-        if state.step >= num_steps:
-            raise TunelabError(
-                f"--resume: {resume_from} is at step {state.step} and this config plans {num_steps} steps, so "
-                "the run is finished and nothing was changed; raise train.max_steps or train.epochs to train "
-                "further, or use --overwrite to start again"
-            )
+        _refuse_finished(resume_from, state, num_steps)
     else:
         if runtime.is_main:
             clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
@@ -122,6 +136,11 @@ def fit(
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
         if runtime.is_main else None
     batches = _BatchStream(plan)
+
+    def save(state: TrainState) -> None:
+        with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+            save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+
     model.train()
     with compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
@@ -142,18 +161,54 @@ def fit(
                 log.write(record)
             progress.update(task, advance=1, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                             f"{record['tokens_per_s']:.0f} tok/s")
+            stop = False
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
-                _log_eval(evaluate, wrapped, model, log, state.step, progress)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
-                    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                    runtime=runtime)
-        if evaluate:
-            _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
-    with writing_checkpoint(output_dir, state.step):
-        save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+                stop = _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, progress), runtime)
+            state.stopped_early = stop
+            if stop or (cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps):
+                save(state)
+            if stop:
+                if not quiet and runtime.is_main:
+                    progress.console.print(f"[yellow]early stop[/] at step {state.step}: no {cfg.metric_for_best} "
+                                           f"improvement in {cfg.early_stopping_patience} evaluations")
+                break
+        if evaluate and not state.stopped_early:
+            _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress),
+                    runtime)
+    if not state.stopped_early:  # an early stop saved its step already
+        save(state)
+    if state.best_step is not None and state.best_step != state.step:
+        load_trainable_weights(checkpoint_dir(output_dir, state.best_step), model)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)
+
+
+def selection_results(result: FitResult, cfg: TrainConfig) -> dict[str, Any]:
+    """What a recipe records about best-checkpoint selection in ``tunelab.json`` (empty without it)."""
+    if cfg.metric_for_best is None:
+        return {}
+    return {"metric_for_best": cfg.metric_for_best, "best_step": result.state.best_step,
+            "best_value": result.state.best_value, "stopped_early": result.state.stopped_early}
+
+
+def _select(tracker: BestTracker | None, state: TrainState, metrics: dict[str, Any], runtime: Runtime) -> bool:
+    """Update the best-checkpoint record with rank 0's evaluation; True = stop early (same on every rank)."""
+    if tracker is None:
+        return False
+    return tracker.update(state, runtime.broadcast(metrics))
+
+
+def _refuse_finished(path: Path, state: TrainState, num_steps: int) -> None:
+    if state.stopped_early:
+        raise TunelabError(
+            f"--resume: {path} stopped early at step {state.step} (train.early_stopping_patience; best step "
+            f"{state.best_step}), so the run is finished and nothing was changed; use --overwrite to start again")
+    if state.step >= num_steps:
+        raise TunelabError(
+            f"--resume: {path} is at step {state.step} and this config plans {num_steps} steps, so "
+            "the run is finished and nothing was changed; raise train.max_steps or train.epochs to train "
+            "further, or use --overwrite to start again"
+        )
 
 
 def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
@@ -230,16 +285,17 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
 
 
 
-def _log_eval(evaluate, wrapped, model, log: MetricsLog | None, step: int, progress) -> None:
+def _log_eval(evaluate, wrapped, model, log: MetricsLog | None, step: int, progress) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         metrics = wrapped(lambda _model: evaluate())
     model.train()
     if log is None:
-        return
+        return metrics
     log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
     if progress is not None:
         progress.console.print(f"[bold]eval[/] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
 
 
 class _BatchStream:

@@ -10,15 +10,16 @@ from tunelab.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def raw(**classification):
+def raw(train=None, **classification):
     return {"task": "classification", "model": {"name_or_path": "m"}, "data": {"train": {"path": "d.jsonl"}},
-            "classification": classification}
+            "classification": classification, "train": train or {}}
 
 
 def test_defaults_and_task_pairing():
-    cc = validate_config(raw()).classification
-    assert (cc.text_field, cc.label_field, cc.problem_type, cc.metric_for_best) == ("text", "label", "single_label",
-                                                                                   "loss")
+    config = validate_config(raw())
+    cc = config.classification
+    assert (cc.text_field, cc.label_field, cc.problem_type) == ("text", "label", "single_label")
+    assert config.train.metric_for_best is None
     with pytest.raises(ConfigError, match="needs a 'classification' section"):
         validate_config({**raw(), "classification": None})
     with pytest.raises(ConfigError, match="needs a 'classification' section"):
@@ -27,8 +28,9 @@ def test_defaults_and_task_pairing():
 
 @pytest.mark.parametrize("section, message", [
     ({"text_feild": "x"}, "unknown key 'classification.text_feild' \\(did you mean 'classification.text_field'"),
-    ({"metric_for_best": "mse"}, "not reported for problem_type single_label"),
-    ({"problem_type": "regression", "metric_for_best": "mse", "class_weights": "balanced"}, "not regression"),
+    ({"train": {"metric_for_best": "mse"}}, r"'mse' is not reported by task=classification \(problem_type single_label"),
+    ({"metric_for_best": "accuracy"}, "classification.metric_for_best is now train.metric_for_best"),
+    ({"problem_type": "regression", "train": {"metric_for_best": "mse"}, "class_weights": "balanced"}, "not regression"),
     ({"labels": ["a", "a"]}, "distinct"),
     ({"labels": ["a", "b"], "class_weights": [1.0]}, "1 entries for 2 labels"),
     ({"class_weights": "auto"}, "class_weights"),
@@ -43,4 +45,4 @@ def test_bad_values_are_named(section, message):
 def test_shipped_configs_validate(path):
     config = load_config(path)
     assert config.task == "classification" and config.train.threads == 2
-    assert config.classification.metric_for_best == "macro_f1"
+    assert config.train.metric_for_best == "macro_f1"

@@ -45,7 +45,7 @@ def test_multi_label_and_regression_targets():
     assert ml.names == ["a", "b"] and ml.encode(["b"], "r") == [0.0, 1.0]
     with pytest.raises(DataError, match="list of label names"):
         ml.encode("a", "r")
-    reg = space([{"score": 2.5}], problem_type="regression", label_field="score", metric_for_best="mse")
+    reg = space([{"score": 2.5}], problem_type="regression", label_field="score")
     assert reg.names == ["score"] and reg.encode(3, "r") == [3.0]
     with pytest.raises(DataError, match="1 number"):
         reg.encode("high", "r")
@@ -118,8 +118,7 @@ def test_balanced_class_weights_follow_scikit_learn():
     with pytest.raises(DataError, match="2 entries"):
         class_weight_vector([1.0, 2.0], exs, labels)
     ml = [ClassificationExample([1], None, t) for t in ([1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0])]
-    pos = class_weight_vector("balanced", ml, space([], labels=["a", "b"], problem_type="multi_label",
-                                                    metric_for_best="micro_f1"))
+    pos = class_weight_vector("balanced", ml, space([], labels=["a", "b"], problem_type="multi_label"))
     assert torch.allclose(pos, torch.tensor([1 / 3, 3.0]))
 
 

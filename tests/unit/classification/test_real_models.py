@@ -23,8 +23,9 @@ def test_short_run_saves_a_classifier_that_reloads_exactly(tmp_path, model, meth
         "task": "classification", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": model},
         "data": {"train": {"path": "builtin:drugreview"}, "max_examples": 48, "val_fraction": 0.25,
                  "max_seq_len": 64},
-        "train": {"method": method, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "lr": 1e-4, "threads": 2},
-        "eval": {"before_training": False}, "classification": {"metric_for_best": "accuracy"}})
+        "train": {"method": method, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "lr": 1e-4, "threads": 2,
+                  "metric_for_best": "accuracy"},
+        "eval": {"before_training": False}, "classification": {}})
     results = train(config, console=Console(quiet=True))
     assert results["steps"] == 3 and results["label_space"]["names"] == ["negative", "neutral", "positive"]
 

@@ -7,7 +7,7 @@ import torch
 
 from tunelab.config.load import validate_config
 from tunelab.errors import TunelabError
-from tunelab.recipes.classify import BestSelector, train
+from tunelab.recipes.classify import train
 from tests.unit.classification.helpers import tiny_base_dir
 
 WORDS = {"pos": ["great", "good", "wonderful", "helped"], "neg": ["awful", "bad", "terrible", "worse"],
@@ -25,15 +25,17 @@ def sentiment_rows(n=36):
             for i in range(n)]
 
 
-def make_config(tmp_path, model_dir, data, **classification):
+def make_config(tmp_path, model_dir, data, metric_for_best="accuracy", **classification):
+    selection = {k: classification.pop(k) for k in ("early_stopping_patience", "early_stopping_min_delta")
+                 if k in classification}
     raw = {
         "task": "classification", "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": {"path": str(data)}, "val_fraction": 0.25, "max_seq_len": 32},
         "train": {"method": "full", "epochs": 16, "batch_size": 8, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 0,
-                  "eval_every": 8, "threads": 1},
+                  "eval_every": 8, "save_every": 8, "threads": 1, "metric_for_best": metric_for_best, **selection},
         "eval": {"before_training": True},
-        "classification": {"text_field": "review", "label_field": "rating", "metric_for_best": "accuracy",
+        "classification": {"text_field": "review", "label_field": "rating",
                            **classification},
     }
     return raw
@@ -129,7 +131,7 @@ def train_loss_curve(tmp_path, model_dir, rows, **classification):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     raw = make_config(tmp_path, model_dir, data, **classification)
     raw["data"]["val_fraction"] = 0.0
-    raw["train"].update(max_steps=24, eval_every=None)
+    raw["train"].update(max_steps=24, eval_every=None, save_every=None)
     train(validate_config(raw), console=quiet())
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r]
@@ -155,21 +157,12 @@ def test_early_stopping_ends_the_run_and_keeps_best(tmp_path, encoder_dir):
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows())
     raw = make_config(tmp_path, encoder_dir, data, early_stopping_patience=1, early_stopping_min_delta=0.5,
                       metric_for_best="macro_f1")
-    raw["train"].update(eval_every=1, epochs=10)
+    raw["train"].update(eval_every=1, save_every=1, epochs=10)
     results = train(validate_config(raw), console=quiet())
     assert results["stopped_early"] and results["steps"] == 2 and results["best_step"] == 1
-
-
-def test_best_selector_restores_best_weights():
-    model = torch.nn.Linear(2, 1)
-    selector = BestSelector(model, "loss", patience=2, min_delta=0.0)
-    assert not selector.update(1, {"loss": 1.0})
-    best = model.weight.detach().clone()
-    model.weight.data += 1
-    assert not selector.update(2, {"loss": 2.0})
-    assert selector.update(3, {"loss": 1.5})  # second evaluation without improvement
-    selector.restore()
-    assert torch.equal(model.weight, best) and selector.best_step == 1
+    assert results["held_out_best"]["macro_f1"] == pytest.approx(next(
+        json.loads(x)["eval/macro_f1"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"step": 1,' in x and "eval/macro_f1" in x))  # the saved weights are step 1's
 
 
 def test_eval_of_a_directory_that_is_not_a_classification_run_is_a_clean_error(tmp_path):

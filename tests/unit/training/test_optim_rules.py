@@ -12,7 +12,7 @@ from tunelab.data.tokenize import TokenizedExample
 from tunelab.models.causal_lm import lm_loss
 from tunelab.training.loop import fit
 from tunelab.training.optim import build_optimizer, lr_multiplier
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 
 def _examples(n=12):
@@ -59,16 +59,8 @@ def _decay_names(model):
     return decayed, skipped
 
 
-def _tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0))
-
-
 def test_gpt2_embeddings_norms_and_biases_are_not_decayed():
-    decayed, skipped = _decay_names(_tiny_gpt2())
+    decayed, skipped = _decay_names(make_tiny_gpt2())
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
             "transformer.h.0.ln_1.bias", "transformer.h.1.attn.c_attn.bias"} <= skipped
     assert decayed == {f"transformer.h.{i}.{m}.weight" for i in range(2)

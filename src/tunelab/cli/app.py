@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -107,14 +108,33 @@ def merge(
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)
+    quantized = info.get("base_quantization")
+    if quantized:  # recorded where any transformers reader sees it, too
+        model.config.tunelab_merged_into_dequantized_base = quantized
     stop_ids = apply_stop_ids(model, tokenizer) if info.get("task_type", "CAUSAL_LM") == "CAUSAL_LM" else []
     check_out_dir(out, overwrite=overwrite, inputs=[run_dir])  # again: a run may have taken it meanwhile
     with atomic_output_dir(out, "merged") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "tunelab.json").write_text(json.dumps(merged_run_info(run_dir, info), indent=2))
     if stop_ids:
         log_stop_ids(console, out, tokenizer, stop_ids)
-    console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    how = f" (into the dequantized {quantized['format']} base it was trained on)" if quantized else ""
+    console.print(f"[bold green]merged[/] {run_dir} into {out}{how} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def merged_run_info(run_dir: Path, info: dict) -> dict:
+    """``tunelab.json`` of a merged model: a full model now, saying what it was merged from and, for a
+    QLoRA run, that the adapter went into the dequantized base weights it was trained against."""
+    from tunelab import __version__
+
+    merged = {"tunelab_version": __version__, "method": "full", "merged_from": str(run_dir),
+              "base_model": info.get("base_model"), "task_type": info.get("task_type", "CAUSAL_LM")}
+    if info.get("base_quantization"):
+        merged["base_quantization"] = info["base_quantization"]
+        merged["merged_into"] = (f"the {info['base_quantization']['format']}-dequantized base weights the adapter "
+                                 "was trained against (not the original full-precision base)")
+    return merged
 
 
 @data_app.command("inspect")

@@ -45,8 +45,8 @@ def save_run(
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
                 "base_model_path": base_path, "task_type": task_type, "results": results}
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
-        for item in tmp.iterdir():
-            os.replace(item, output_dir / item.name)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == RUN_INFO):  # tunelab.json last: it marks
+            os.replace(item, output_dir / item.name)                          # the run finished
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import list_checkpoints
+from tunelab.training.resume import resume_checkpoint, verified_checkpoint
 
 
 def seed_everything(seed: int, threads: int | None) -> None:
@@ -34,19 +35,15 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
 
     Raises:
         TunelabError: the directory already holds a run and neither resume nor overwrite was
-            asked for, resume was asked for and there is no checkpoint, or the directory is not
+            asked for, resume was asked for and there is no intact checkpoint (or the one named is
+            damaged; see :mod:`tunelab.training.resume`), or the directory is not
             empty and holds no tunelab run (never written into, even with ``overwrite``).
     """
-    existing = list_checkpoints(output_dir)
-    if resume:
+    if resume:  # the newest intact checkpoint (damaged ones named and skipped), or the one asked for
         if isinstance(resume, str) and resume not in ("latest", "true"):
-            path = Path(resume)
-            if not (path / "state.json").is_file():
-                raise TunelabError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-            return path
-        if not existing:
-            raise TunelabError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}")
-        return existing[-1]
+            return verified_checkpoint(Path(resume))
+        return resume_checkpoint(output_dir)
+    existing = list_checkpoints(output_dir)
     if (existing or (output_dir / "tunelab.json").exists()) and not overwrite:
         raise TunelabError(
             f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "

@@ -5,7 +5,9 @@ A checkpoint directory ``<output_dir>/checkpoints/step-000123/`` holds:
   * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s,
   * ``rng.pt``: torch (CPU and CUDA) and Python RNG states,
   * ``state.json``: step, data position (micro-batches consumed), tunelab version,
-  * ``config.yaml``: the resolved config.
+  * ``config.yaml``: the resolved config,
+  * ``manifest.json``: every other file's size and SHA-256, written last (:mod:`tunelab.training.manifest`);
+    ``--resume`` checks it and skips a damaged checkpoint (:mod:`tunelab.training.resume`).
 It is written into a temporary sibling directory and renamed into place, so a crash never leaves
 a half-written checkpoint and never touches older ones.
 
@@ -37,6 +39,7 @@ from torch import nn
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+from tunelab.training.manifest import write_manifest
 
 if TYPE_CHECKING:
     from tunelab.training.distributed import Runtime
@@ -99,11 +102,23 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         _write_run_files(tmp, scheduler, state, config_yaml, world_size=1)
+        write_manifest(tmp)
         commit_dir(tmp, target)
+    except OSError as err:
+        raise _write_error(err, target) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(output_dir, keep_last)
     return target
+
+
+def _write_error(err: OSError, target: Path) -> TunelabError:
+    """A failed checkpoint write (full disk, read-only filesystem, ...) as a message naming the checkpoint."""
+    cause = (err.strerror or str(err)).lower()
+    where = f" ({err.filename})" if err.filename else ""
+    return TunelabError(f"{cause} while writing {target.parent.name}/{target.name}{where}; earlier checkpoints are "
+                        f"untouched and the half-written one was removed. Free space (or fix {target.parent}), "
+                        "then continue with --resume")
 
 
 def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str,
@@ -118,7 +133,10 @@ def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, 
         runtime.barrier()
         if runtime.is_main:
             _write_run_files(tmp, scheduler, state, config_yaml, world_size=runtime.world_size)
+            write_manifest(tmp)  # after the barrier: every rank's shards are in tmp
             commit_dir(tmp, target)
+    except OSError as err:
+        raise _write_error(err, target) from err
     finally:
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,6 +168,16 @@ def _write_run_files(directory: Path, scheduler, state: TrainState, config_yaml:
     info = {**asdict(state), "world_size": world_size, "tunelab_version": __version__}
     (directory / "state.json").write_text(json.dumps(info))
     (directory / "config.yaml").write_text(config_yaml)
+
+
+def run_finished(output_dir: Path, step: int) -> bool:
+    """Whether ``output_dir`` holds the final files of a run that ended at ``step``: its ``tunelab.json``
+    (written last by :func:`tunelab.models.run.save_run`) records ``results.steps == step``. False for a
+    run killed after its last checkpoint but before (or while) writing its model and report."""
+    try:
+        return json.loads((output_dir / "tunelab.json").read_text())["results"]["steps"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def clear_checkpoints(output_dir: Path) -> int:

@@ -32,12 +32,16 @@ from torch import nn
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.training.checkpoint import TrainState, clear_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.training.checkpoint import (
+    TrainState, clear_checkpoints, load_checkpoint, run_finished, save_checkpoint,
+)
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
+from tunelab.training.interrupt import RunInterrupted, StopSignals
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
 from tunelab.training.precision import autocast
+from tunelab.training.resume import check_resumed_config
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -89,8 +93,14 @@ def fit(
 
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
-            checkpoint does not fit the model or the batch size; ``cfg.compile`` and
-            ``torch.compile`` failed (the message names ``train.compile``).
+            checkpoint does not fit the model or the batch size, or its config differs in keys that
+            cannot change (:func:`tunelab.training.resume.check_resumed_config`); the resumed run is
+            already finished (its final files are there); ``cfg.compile`` and ``torch.compile``
+            failed (the message names ``train.compile``).
+        RunInterrupted: SIGTERM/SIGINT arrived (:mod:`tunelab.training.interrupt`); the step in
+            progress was finished and checkpointed. A run resumed at its last step (stopped after
+            its final checkpoint) does not train: it evaluates if that was not logged and returns,
+            so the recipe writes the final files.
     """
     if runtime is None:
         if env_world_size() > 1:
@@ -103,8 +113,8 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg, num_steps)
     state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
-        state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
-        if state.step >= num_steps:
+        state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime, config_yaml)
+        if state.step >= num_steps and run_finished(output_dir, state.step):
             raise TunelabError(
                 f"--resume: {resume_from} is at step {state.step} and this config plans {num_steps} steps, so "
                 "the run is finished and nothing was changed; raise train.max_steps or train.epochs to train "
@@ -119,7 +129,14 @@ def fit(
         if runtime.is_main else None
     batches = _BatchStream(plan)
     model.train()
-    with compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
+    finishing = state.step >= num_steps  # resumed at the last step: the final files were never written
+
+    def save() -> Path:
+        return save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                               runtime=runtime)
+
+    stop = StopSignals()
+    with stop, compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -140,19 +157,40 @@ def fit(
                             f"{record['tokens_per_s']:.0f} tok/s")
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                 _log_eval(evaluate, wrapped, model, log, state.step, progress)
+            saved = None
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                                runtime=runtime)
-        if evaluate:
+                saved = save()
+            if signum := stop.requested(runtime):  # SIGTERM/SIGINT: this step is done; checkpoint it and stop
+                raise RunInterrupted(signum, state.step, saved or save())
+        if evaluate and not (finishing and _has_eval(log, runtime, state.step)):
             _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress)
-    save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
+        final = resume_from if finishing else save()
+        if signum := stop.requested(runtime):  # during the final evaluation or save: stop before the final files
+            raise RunInterrupted(signum, state.step, final)
     history = runtime.broadcast(log.read() if log else None)
     return FitResult(state=state, history=history)
 
 
-def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
-    """Load a checkpoint; its data position is in micro-batches, so their size must not change."""
+def _has_eval(log: MetricsLog | None, runtime: Runtime, step: int) -> bool:
+    """Whether ``metrics.jsonl`` already holds an evaluation at ``step`` (rank 0's answer, on every rank)."""
+    return bool(runtime.broadcast(any(r.get("step") == step and any(k.startswith("eval/") for k in r)
+                                      for r in log.read()) if log else None))
+
+
+def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime,
+            config_yaml: str) -> TrainState:
+    """Load a checkpoint; its data position is in micro-batches, so their size must not change.
+
+    The config may change only in :data:`tunelab.training.resume.MAY_CHANGE` keys; a changed
+    ``train.lr`` (or schedule) is used from the resumed step on: the schedule's base rates come from
+    this run's config, not from the checkpoint's scheduler state.
+    """
+    check_resumed_config(path, config_yaml, say=print if runtime.is_main else lambda _: None)
+    base_lrs = list(scheduler.base_lrs)  # this run's train.lr; load_checkpoint restores the checkpoint's
     state = load_checkpoint(path, model, optimizer, scheduler, runtime=runtime)
+    scheduler.base_lrs = base_lrs
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"] = base_lr
     if state.micro_batch_size is not None and state.micro_batch_size != cfg.batch_size:
         raise TunelabError(f"checkpoint {path} was trained with train.batch_size={state.micro_batch_size}; "
                            f"resume with the same batch size (got {cfg.batch_size})")

@@ -34,7 +34,8 @@ def tiny_config(out: Path, **train: Any) -> Config:
                                   "train": settings, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}})
 
 
-def train_tiny(out: Path, *, resume: bool = False, overwrite: bool = False, on_micro_batch: Callable[[int], None] | None = None,
+def train_tiny(out: Path, *, resume: bool = False, overwrite: bool = False,
+               on_micro_batch: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
                **train: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train (or ``--resume``) the tiny run in ``out``; returns every logged loss and the final trainable weights.
 
@@ -56,7 +57,7 @@ def train_tiny(out: Path, *, resume: bool = False, overwrite: bool = False, on_m
         return lm_loss(m, b, n)
 
     result = fit(model, plan, loss_fn, lambda b: b["num_supervised"], tc, out, dump_config(config),
-                 resume_from=resume_from, quiet=True)
+                 evaluate=evaluate, resume_from=resume_from, quiet=True)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return [r["loss"] for r in result.history if "loss" in r], weights
 

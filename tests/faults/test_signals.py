@@ -100,3 +100,36 @@ def test_a_run_stopped_on_its_last_step_is_finished_by_resume_with_its_final_eva
     assert len(losses) == STEPS and evaluated == [1]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/loss" in r] == [STEPS]
+
+
+def test_under_torchrun_a_relayed_repeat_is_the_same_signal(monkeypatch):
+    """torchrun relays the Ctrl-C its workers already got: a repeat within 2 s does not exit at once."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert StopSignals().same_signal_s == 2.0
+
+    def twice():
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+        os._exit(5)
+
+    assert in_child(twice) == 5
+    monkeypatch.delenv("LOCAL_RANK")
+    assert StopSignals().same_signal_s == 0.0
+
+
+def test_nproc_launcher_relays_sigterm_to_torchrun_and_reports_128_plus_it():
+    import subprocess
+    import sys
+
+    from tunelab.training.distributed import _wait_relaying_sigterm
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+                              "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    before = signal.getsignal(signal.SIGTERM)
+    assert _wait_relaying_sigterm(child) == 143
+    assert child.returncode == 7 and signal.getsignal(signal.SIGTERM) is before

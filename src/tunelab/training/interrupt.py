@@ -11,7 +11,10 @@ already written are intact: every write is atomic).
 Handlers are installed only in the main thread (Python delivers signals there; elsewhere the
 context does nothing) and the previous handlers are restored on exit. With several ranks each one
 gets the signal at a slightly different moment, so the flag is all-reduced at every step boundary
-and all ranks stop after the same step and write one checkpoint together.
+and all ranks stop after the same step and write one checkpoint together. torchrun relays a SIGTERM
+(or SIGINT) it gets to every worker and waits for them (then SIGKILLs them after its shutdown timeout);
+a Ctrl-C in a terminal reaches the workers both directly and relayed, so under torchrun a repeat within
+2 s counts as the same signal.
 
 This module imports no torch, so the CLI can catch :class:`RunInterrupted` cheaply.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -52,9 +56,15 @@ class RunInterrupted(Exception):
 class StopSignals:
     """Context manager turning the first SIGTERM/SIGINT into a stop request; a second one exits at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, same_signal_s: float | None = None) -> None:
+        """``same_signal_s``: a repeat that comes sooner than this after the first signal is taken as the
+        same one (default: 2 s under torchrun, whose agent relays a Ctrl-C or SIGTERM to the workers that
+        a terminal's Ctrl-C already reached; 0 otherwise)."""
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._first_at = 0.0
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+        self.same_signal_s = same_signal_s if same_signal_s is not None else (2.0 if under_torchrun else 0.0)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -69,10 +79,12 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if self.signum is not None and time.monotonic() - self._first_at < self.same_signal_s:
+            return
         if self.signum is not None:  # os.write, not print: a handler may interrupt a print
             os.write(2, f"\n{name} received again: exiting now, without a checkpoint of this step\n".encode())
             os._exit(interrupted_exit_status(signum))
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         os.write(2, f"\n{name} received: finishing this step and writing a checkpoint "
                     f"(send it again to exit at once)\n".encode())
 

@@ -22,3 +22,8 @@ class DataError(TunelabError):
 
 class ModelLoadError(TunelabError):
     """A model or adapter cannot be found or loaded as asked."""
+
+
+class OutputError(TunelabError):
+    """An output path cannot or may not be written: it holds other files, another run holds it, or
+    the filesystem refused (full disk, read-only, no permission). The message names the path."""

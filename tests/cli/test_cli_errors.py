@@ -106,7 +106,7 @@ def test_a_missing_local_model_path_is_named_not_sent_to_the_hub(tmp_path):
     from tunelab.errors import ModelLoadError
     from tunelab.models.loading import resolve_model_path
 
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="was not found"):
         resolve_model_path(str(tmp_path / "no-such-model"))
 
 

@@ -5,19 +5,19 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli.app import app
-from tunelab.cli.output_files import atomic_file, check_new_file
+from tunelab.training.outputs import atomic_file, check_out_file
 from tunelab.errors import TunelabError
 
 
-def test_check_new_file_refuses_an_existing_file_unless_overwrite(tmp_path):
+def test_check_out_file_refuses_an_existing_file_unless_overwrite(tmp_path):
     out = tmp_path / "preds.jsonl"
-    check_new_file(out, overwrite=False)
+    check_out_file(out, overwrite=False)
     out.write_text("old\n")
     with pytest.raises(TunelabError, match=rf"--out {out} already exists; pass --overwrite"):
-        check_new_file(out, overwrite=False)
-    check_new_file(out, overwrite=True)
+        check_out_file(out, overwrite=False)
+    check_out_file(out, overwrite=True)
     with pytest.raises(TunelabError, match="is a directory"):
-        check_new_file(tmp_path, overwrite=True)
+        check_out_file(tmp_path, overwrite=True)
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):

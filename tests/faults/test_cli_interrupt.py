@@ -37,12 +37,12 @@ def test_the_cli_prints_the_resume_command_and_exits_128_plus_the_signal(tmp_pat
         raise RunInterrupted(signal.SIGINT, 7, tmp_path / "checkpoints" / "step-000007")
 
     monkeypatch.setattr(tunelab.recipes, "get_recipe", lambda task: stopped_recipe)
-    monkeypatch.setattr(cli, "console", Console(width=400))
+    monkeypatch.setattr(cli, "error_console", Console(width=400, stderr=True))
     monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(config), "train.lr=0.1", "--overwrite"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 130
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "SIGINT received: stopped after step 7" in out
     assert f"tunelab train {config} train.lr=0.1 --resume" in out
 
@@ -62,15 +62,16 @@ def _config(root, model_dir, name):
 def _cli(argv, log):
     """``tunelab ARGV`` in this process with its output in ``log``; returns the exit status."""
     stream = open(log, "a", buffering=1)  # noqa: SIM115 - lives as long as the command
-    saved = sys.argv, sys.stdout, sys.stderr, cli.console
-    sys.argv, sys.stdout, sys.stderr, cli.console = ["tunelab", *argv], stream, stream, Console(file=stream, width=400)
+    saved = sys.argv, sys.stdout, sys.stderr, cli.console, cli.error_console
+    sys.argv, sys.stdout, sys.stderr = ["tunelab", *argv], stream, stream
+    cli.console = cli.error_console = Console(file=stream, width=400)
     try:
         cli.main()
         return 0
     except SystemExit as exit_:
         return exit_.code or 0
     finally:
-        sys.argv, sys.stdout, sys.stderr, cli.console = saved
+        sys.argv, sys.stdout, sys.stderr, cli.console, cli.error_console = saved
         stream.close()
 
 

@@ -133,3 +133,45 @@ def test_prompts_longer_than_budget_are_dropped_and_counted(tmp_path, smollm2_to
     assert result.prompts[0].example["answer"] == "1"
     assert result.prompts[1].messages[-1] == {"role": "user", "content": "hi"}  # trailing reply removed
     assert all(n <= 64 for n in result.kept_lengths)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
+def test_ppo_kl_that_shapes_the_reward_is_the_kl_logged(estimator, smollm2_tokenizer):
+    """Issue 14 item 11: for every rl.kl_estimator the per-token KL logged (extra['kl'], summed into the
+    record's `kl`) is the one subtracted from the reward: with gamma = lam = 1, no whitening and a zero
+    value head, the return at the first token is score - kl_coef * (logged KL of the row). It is also the
+    named estimator of (policy, reference) log-probs. Old code rejected k2 and abs in the config."""
+    from tunelab.losses.kl import KL_ESTIMATORS
+    from tunelab.models.value_head import ValueHead
+    from tunelab.recipes.ppo import make_advantages
+    from tunelab.rollout.batch import rollout
+    from tunelab.rollout.scoring import reference_logps
+    from tunelab.rollout.session import RLSession
+
+    config = validate_config({"task": "ppo", "model": {"name_or_path": "x"}, "data": {"train": {"path": "x"}},
+                              "rl": {"num_generations": 2, "max_new_tokens": 5, "kl_estimator": estimator,
+                                     "gamma": 1.0, "lam": 1.0, "whiten_advantages": False,
+                                     "rewards": [{"type": "exact_match"}]}})
+    torch.manual_seed(0)
+    model = make_tiny_llama(vocab_size=len(smollm2_tokenizer))
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # policy != reference (the adapters-off model)
+    value_head = ValueHead(model.config.hidden_size)
+    for p in value_head.parameters():
+        torch.nn.init.zeros_(p)
+    session = RLSession(model, smollm2_tokenizer, None, [], 0, 0, [], [2], torch.device("cpu"))
+    prompts = [Prompt([{"role": "user", "content": "q"}], [5, 6, 7], {}), Prompt([{"role": "user", "content": "r"}], [9, 4], {})]
+    batch, _ = rollout(model, smollm2_tokenizer, prompts, config.rl, num_generations=2, stop_ids=[2],
+                       device=torch.device("cpu"))
+    scores = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    _, extra = make_advantages(session, value_head, batch, scores, config, None, kl_coef=0.3)
+    mask = batch.loss_mask
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    ref = reference_logps(model, *args)
+    expected_kl = torch.where(mask, KL_ESTIMATORS[estimator](extra["old_logps"], ref), torch.zeros(()))
+    torch.testing.assert_close(extra["kl"], expected_kl)
+    assert float(extra["kl"].abs().sum()) > 1e-4
+    torch.testing.assert_close(extra["returns"][:, 0], scores - 0.3 * extra["kl"].sum(dim=1), rtol=1e-5, atol=1e-5)

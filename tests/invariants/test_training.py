@@ -169,8 +169,9 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
 
 
 def test_warmup_cosine_values_per_step_independent_of_accumulation():
-    # 10 steps, 2 warmup: warmup (s+1)/3 then cosine over the 8 remaining steps.
-    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    # 10 steps, 2 warmup: step 1 = 1/2, step 2 = the peak, then cosine over the 8 remaining steps
+    # (towards 0 one step after the last).
+    expected = [1 / 2, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 9)) for k in range(1, 9)]
     got = [lr_multiplier(s, 10, 2, "cosine") for s in range(10)]
     assert got == pytest.approx(expected)
     for grad_accum in (1, 4):
@@ -184,5 +185,5 @@ def test_warmup_cosine_values_per_step_independent_of_accumulation():
             opt.step()
             sched.step()
         assert lrs == pytest.approx([0.1 * e for e in expected])
-    assert lr_multiplier(5, 10, 0, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(5, 10, 0, "linear") == pytest.approx(0.5)  # no warmup: step 1 at the peak
     assert lr_multiplier(7, 10, 2, "constant") == 1.0

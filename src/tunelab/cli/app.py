@@ -22,6 +22,7 @@ config_app = typer.Typer(help="Work with config files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 console = Console()
+error_console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 lora.r=32.")]
@@ -91,23 +92,23 @@ def chat(
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A finished LoRA run or PEFT adapter directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for the merged model.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an earlier merge/export in --out (only a directory tunelab wrote, holding nothing else).")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
     from tunelab.adapters.lora import merge_lora
     from tunelab.models.run import load_run
-    from tunelab.training.checkpoint import atomic_dir, commit_dir
+    from tunelab.training.outputs import atomic_output_dir, check_out_dir
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TunelabError(f"{out} is not empty; pass --overwrite to replace it")
+    check_out_dir(out, overwrite=overwrite, inputs=[run_dir])
     model, tokenizer, info = load_run(run_dir)  # a classifier run loads as a classifier
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)
-    tmp = atomic_dir(out.resolve())
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    commit_dir(tmp, out.resolve())
+    check_out_dir(out, overwrite=overwrite, inputs=[run_dir])  # again: a run may have taken it meanwhile
+    with atomic_output_dir(out, "merged") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -163,21 +164,28 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from tunelab.training.outputs import environment_error_message
+
     _quiet_libraries()
     try:
         app()
     except TunelabError as err:
-        where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        console.print(f"[bold red]error{where}:[/] {err}", highlight=False, soft_wrap=True)
+        _print_error(str(err))
+        sys.exit(2)
+    except OSError as err:  # the environment (permissions, full disk, read-only filesystem), not a bug
+        message = environment_error_message(err)
+        if message is None:
+            raise
+        _print_error(message)
         sys.exit(2)
     except RunInterrupted as stop:
         if os.environ.get("RANK", "0") == "0":
             launcher = " (under the same torchrun launcher)" if "LOCAL_RANK" in os.environ else ""
-            console.print(f"[yellow]stopped[/]: {stop}. Continue with{launcher}:\n  {resume_command(sys.argv[1:])}",
-                          highlight=False, soft_wrap=True)
+            error_console.print(f"[yellow]stopped[/]: {stop}. Continue with{launcher}:\n  "
+                                f"{resume_command(sys.argv[1:])}", highlight=False, soft_wrap=True)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        error_console.print("[yellow]interrupted[/]")
         sys.exit(130)
 
 
@@ -193,3 +201,11 @@ def resume_command(argv: list[str]) -> str:
         elif arg not in ("--overwrite", "--resume") and not arg.startswith("--resume-from="):
             kept.append(arg)
     return shlex.join(["tunelab", *kept, "--resume"])
+
+
+def _print_error(message: str) -> None:
+    """One error line on stderr (stdout stays the command's output), naming the rank under torchrun."""
+    from rich.markup import escape
+
+    where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    error_console.print(f"[bold red]error{where}:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_new_file
+from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_out_file
 
 RunArg = Annotated[Path, typer.Argument(help="A finished classification run directory.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Data file, builtin:NAME or hub id.")]
@@ -73,17 +73,18 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
     """Metrics (see :mod:`tunelab.eval.classification`) of a run on labelled ``data``; optionally saved.
 
     ``out`` gets the metrics JSON and, for single-label runs, ``out`` with suffix ``.png`` the
-    confusion matrix; neither may exist unless ``overwrite`` (see :mod:`tunelab.cli.output_files`).
+    confusion matrix; neither may exist unless ``overwrite`` (see :mod:`tunelab.training.outputs`).
     """
     from tunelab.eval.classification import evaluate_classifier, plot_confusion_matrix
     from tunelab.training.precision import pick_device
 
     if out:
-        check_new_file(out, overwrite)
+        check_out_file(out, overwrite=overwrite, inputs=[run_dir, data])
     device = pick_device()
     model, config, labels, _, batches = _prepare(run_dir, data, split, True, batch_size)
     if out and labels.problem_type == "single_label":
-        check_new_file(out.with_suffix(".png"), overwrite, option="--out's confusion-matrix PNG")
+        check_out_file(out.with_suffix(".png"), overwrite=overwrite, inputs=[run_dir, data],
+                       option="--out's confusion-matrix PNG")
     metrics = evaluate_classifier(model.to(device), batches, device, problem_type=labels.problem_type,
                                   names=labels.names, threshold=config.classification.threshold)
     metrics["num_examples"] = sum(b["num_examples"] for b in batches)
@@ -101,12 +102,12 @@ def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", ba
                 overwrite: bool = False) -> int:
     """Write ``out`` (JSONL): each record plus ``prediction`` and ``probabilities`` (or ``values``).
 
-    ``out`` may not exist unless ``overwrite``; it is written atomically (see :mod:`tunelab.cli.output_files`).
+    ``out`` may not exist unless ``overwrite``; it is written atomically (see :mod:`tunelab.training.outputs`).
     """
     from tunelab.eval.classification import predict_logits, probabilities
     from tunelab.training.precision import pick_device
 
-    check_new_file(out, overwrite)
+    check_out_file(out, overwrite=overwrite, inputs=[run_dir, data])
     device = pick_device()
     model, config, labels, records, batches = _prepare(run_dir, data, split, False, batch_size)
     scores = probabilities(labels.problem_type, predict_logits(model.to(device), batches, device)).tolist()

@@ -28,7 +28,7 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
     """
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                                revision=config.model.revision)
-    resolve_chat_template(tokenizer, config.model.chat_template)
+    resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
     by_task = {"dpo": _inspect_pairs, "reward": _inspect_pairs, "classification": _inspect_classification,
                "grpo": _inspect_prompts, "ppo": _inspect_prompts}
     if config.task in by_task:
@@ -37,10 +37,21 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
     data = prepare_data(config.data, tokenizer, config.train.seed)
     console.print(f"[bold]format[/] {data.format}   [bold]max_seq_len[/] {config.data.max_seq_len}   "
                   f"[bold]supervise[/] {config.data.supervise}   legend: [black on green]supervised[/] / plain = context")
+    console.print(f"[bold]rendering[/] {rendering_note(config.data.supervise, data.train_stats)}")
     for i, example in enumerate(data.train[:num_examples]):
         console.rule(f"train example {i}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
         console.print(render_supervision(tokenizer, example))
     _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)))
+
+
+def rendering_note(supervise: str, stats) -> str:
+    """How conversations became examples (see :mod:`tunelab.data.templates`), for ``data inspect``."""
+    if stats.num_split:
+        return (f"the chat template is not prefix-stable: {stats.num_split} conversation(s) became one example per "
+                "assistant reply, each with the context the template renders when that reply is generated")
+    if supervise == "last_turn":
+        return "each conversation rendered once; its last assistant reply is supervised"
+    return "each conversation rendered once (the template is prefix-stable on this data)"
 
 
 def _inspect_pairs(config: Config, tokenizer, num_examples: int, console: Console) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_new_file
+from tunelab.cli.output_files import OverwriteOutOpt, atomic_file, check_out_file
 from tunelab.errors import TunelabError
 
 DataOpt = Annotated[str, typer.Option(help="Local .jsonl/.json/.csv/.parquet, builtin:NAME or a hub dataset id.")]
@@ -59,7 +59,7 @@ def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_si
     """Score every pair of ``data`` with the reward model in ``run_dir``; returns the summary.
 
     ``out`` (per-pair scores, JSONL) may not exist unless ``overwrite``; it is written atomically
-    (see :mod:`tunelab.cli.output_files`).
+    (see :mod:`tunelab.training.outputs`).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -70,7 +70,7 @@ def score_pairs(run_dir: Path, data: str, name: str | None, split: str, batch_si
     from tunelab.recipes.reward import pairwise_summary, score_batches
 
     if out is not None:
-        check_new_file(out, overwrite)
+        check_out_file(out, overwrite=overwrite, inputs=[run_dir, data])
     if read_run_info(run_dir).get("task_type") != "SEQ_CLS":
         raise TunelabError(f"{run_dir} is not a reward-model run (train one with task: reward)")
     model, tokenizer, _ = load_run(run_dir, AutoModelForSequenceClassification, num_labels=1)
@@ -129,7 +129,7 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
     before its last assistant reply (a string when that is a single user turn), chosen = that reply,
     rejected = ``model_ref``'s greedy reply. Pairs whose two replies are equal or empty are skipped
     and counted. Returns the counts. ``out`` may not exist unless ``overwrite``; it is written
-    atomically (see :mod:`tunelab.cli.output_files`)."""
+    atomically (see :mod:`tunelab.training.outputs`)."""
     import torch
 
     from tunelab.config.schema import DataSource
@@ -137,7 +137,7 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
     from tunelab.data.sources import load_records
     from tunelab.models.generate import generate_replies
 
-    check_new_file(out, overwrite)
+    check_out_file(out, overwrite=overwrite, inputs=[data, model_ref])
     if threads:
         torch.set_num_threads(threads)
     records = load_records(DataSource(path=data, name=name, split=split))[:limit]

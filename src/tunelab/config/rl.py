@@ -8,7 +8,7 @@ passes over mini-batches of ``mini_batch_size`` completions, one optimizer step 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -107,7 +107,14 @@ class RLConfig(StrictModel):
     )
     clip_eps: float = Field(0.2, gt=0, description="PPO/GRPO ratio clip range epsilon.")
     # PPO
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the PPO reward.")
+    kl_estimator: Literal["auto", "k1", "k2", "k3", "abs"] = Field(
+        "auto",
+        description="Per-token KL-to-reference estimator (Schulman 2020, 'Approximating KL divergence'): 'k1' "
+        "log p - log ref (unbiased, can be negative), 'k2' (log p - log ref)^2 / 2, 'k3' (r - 1) - log r with "
+        "r = ref / p (unbiased, >= 0), 'abs' |log p - log ref|. It shapes the PPO reward (or enters the GRPO loss "
+        "with rl.beta) and is the `kl` logged. 'auto' = k1 for ppo (Ziegler et al. 2019), k3 for grpo "
+        "(Shao et al. 2024, Eq. 4).",
+    )
     kl_coef: float = Field(0.05, ge=0, description="PPO: (initial) KL penalty coefficient beta.")
     adaptive_kl: bool = Field(False, description="PPO: adapt kl_coef toward kl_target (Ziegler et al. 2019).")
     kl_target: float = Field(6.0, gt=0, description="PPO adaptive KL: target KL per sequence (nats).")
@@ -127,8 +134,11 @@ class RLConfig(StrictModel):
         "as both shipped PPO configs use). The warmup/decay schedule applies to it too.",
     )
     # GRPO
-    scale_rewards: Literal["std", "none"] = Field(
-        "std", description="GRPO: divide group-centred rewards by the group std; 'none' = Dr. GRPO."
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="GRPO: divide the group-centred rewards by the std of their own group ('group', Shao et al. "
+        "2024), by the std of the whole rollout batch ('batch', as TRL's scale_rewards='batch'), or not at all "
+        "('none' = Dr. GRPO, Liu et al. 2025). 'std' is accepted as the old name of 'group'.",
     )
     beta: float = Field(0.0, ge=0, description="GRPO: KL-to-reference weight (0 skips the reference pass).")
     loss_normalization: Literal["token", "sequence"] = Field(
@@ -139,6 +149,19 @@ class RLConfig(StrictModel):
     log_samples_every: int = Field(5, ge=1, description="RL steps between sample-completion JSONL lines.")
     num_logged_samples: int = Field(4, ge=1, description="Completions written to samples.jsonl each time.")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts scored (greedy) before and after training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("scale_rewards") == "std":
+            data = {**data, "scale_rewards": "group"}
+        return data
+
+    def resolved_kl_estimator(self, task: str) -> str:
+        """The KL estimator a ``task`` (ppo | grpo) uses: ``kl_estimator``, with 'auto' resolved."""
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if task == "grpo" else "k1"
 
     @staticmethod
     def check_for(task: str, rl: RLConfig | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config.base import StrictModel
 from tunelab.config.classification import ClassificationConfig
@@ -76,7 +76,13 @@ class DataConfig(StrictModel):
         description="Map a canonical field (messages, conversations, instruction, input, output, prompt, "
         "completion, text, system) to the column your data uses, e.g. {prompt: question}.",
     )
-    system_prompt: str | None = Field(None, description="System message added to every conversation that has none.")
+    system_prompt: str = Field(
+        "default",
+        description="System prompt of conversations that have none: 'default' keeps what the chat template "
+        "writes (SmolLM2's and Qwen2.5's write a default one into every example), 'none' writes none, any other "
+        "text is that system prompt. Applied to the chat template, so training and serving (chat, sample "
+        "answers, RL prompts, the saved tokenizer) render the same.",
+    )
     max_seq_len: int = Field(1024, ge=8, description="Longest example in tokens.")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
@@ -95,6 +101,11 @@ class DataConfig(StrictModel):
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
+
+    @field_validator("system_prompt", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        return "default" if value is None else value
 
     @model_validator(mode="after")
     def _held_out_is_not_train(self) -> DataConfig:
@@ -164,6 +175,12 @@ class TrainConfig(StrictModel):
         True, description="Compute the LM loss in chunks of tokens so full-vocab logits are never materialized."
     )
     ce_chunk_size: int = Field(1024, ge=16, description="Tokens per cross-entropy chunk.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="task=sft: label smoothing ε of the next-token loss, (1-ε)·NLL + ε·mean over the vocabulary "
+        "of -log p (Szegedy et al. 2016), summed over supervised tokens and divided by their count in the whole "
+        "step (so accumulation and packing leave it unchanged). Held-out loss/perplexity stay the plain NLL.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     log_every: int = Field(1, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (null = end only).")
@@ -214,6 +231,9 @@ class Config(StrictModel):
         if self.train.compile and self.task in ("ppo", "grpo"):
             raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
                              f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
+        if self.train.label_smoothing and self.task != "sft":
+            raise ValueError(f"train.label_smoothing applies to the next-token loss of task=sft, not task={self.task} "
+                             "(task=dpo has preference.label_smoothing)")
         if (self.task == "classification") != (self.classification is not None):
             raise ValueError("task=classification needs a 'classification' section (and only it takes one)")
         self._check_preference()

@@ -35,10 +35,7 @@ def load_canonical(source: DataSource, cfg: DataConfig, limit: int | None = None
     fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], cfg.columns)
     examples = []
     for i, record in enumerate(records, start=1):
-        example = to_example(record, fmt, cfg.columns, where=f"{source.path} record #{i}")
-        if cfg.system_prompt and "messages" in example and example["messages"][0]["role"] != "system":
-            example["messages"].insert(0, {"role": "system", "content": cfg.system_prompt})
-        examples.append(example)
+        examples.append(to_example(record, fmt, cfg.columns, where=f"{source.path} record #{i}"))
     return examples, fmt
 
 
@@ -68,7 +65,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     validation, val_stats = tokenize_all(val_examples, encode)
     if not train:
         raise DataError(
-            f"no training examples left after filtering {train_stats.num_records} records "
+            f"{cfg.train.path}: no training examples left after filtering {train_stats.num_records} records "
             f"(dropped: {dict(train_stats.dropped) or 'none'}); check data.max_seq_len, data.overlong "
             "and data.supervise"
         )

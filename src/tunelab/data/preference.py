@@ -11,9 +11,11 @@ Record forms (field names can be remapped with ``data.columns``):
 
 Rendering: with a chat template, prompt + reply are rendered by the template and exactly the reply's
 assistant turns (with their end-of-turn token) are labelled, as in SFT (see
-:mod:`tunelab.data.templates`). Without one (base LMs, BERT-like reward encoders), prompt and reply
-must be strings and the text is ``prompt + reply + eos``; the tokenizer's own special tokens (e.g.
-``[CLS] … [SEP]``) wrap it.
+:mod:`tunelab.data.templates`); the template writes every special token (as when the model is
+served, :mod:`tunelab.data.encoding`). Without one (base LMs, BERT-like reward encoders), prompt and
+reply must be strings and the text is ``prompt + reply + eos``; the tokenizer's own special tokens
+(e.g. ``[CLS] … [SEP]``) wrap it. Each side is tokenized whole; a token that overlaps the reply is a
+reply token (labelled), and the prompt ids are the tokens both sides share before their replies.
 
 Length policy (``max_seq_len`` tokens per sequence), applied per pair: when prompt + the longer
 reply does not fit, the prompt is cut **from the left** (its most recent tokens are kept, after any
@@ -44,7 +46,9 @@ from tunelab.config.schema import DataConfig, DataSource
 from tunelab.data.collate import IGNORE_INDEX, packed_collate
 from tunelab.data.packing import epoch_index_groups
 from tunelab.data.sources import load_records, present_fields
-from tunelab.data.templates import render_messages
+from tunelab.data.encoding import encode_text, special_tokens_around
+from tunelab.data.stop_tokens import stop_token_ids
+from tunelab.data.templates import UnusableExample, apply_template, render_messages
 from tunelab.data.tokenize import DataStats
 from tunelab.errors import DataError
 from tunelab.training.loop import Batch, BatchPlan
@@ -144,6 +148,12 @@ def reply_text(reply: str | Messages) -> str:
 class PairTokenizer:
     """Tokenizes canonical pairs for one tokenizer and ``max_seq_len`` (see the module docstring).
 
+    Prompt/reply boundary: each side is tokenized whole (prompt + reply, so the ids are the ones the
+    text really has); a token that overlaps the reply (with byte-level BPE, a prompt's trailing space
+    merged into the reply's first word) belongs to the reply and is labelled. The prompt ids are the
+    tokens both sides share before their first reply token, so chosen and rejected are conditioned
+    on exactly the same ids, and every reply token counts.
+
     Args:
         tokenizer: a fast transformers tokenizer (offset mapping is needed).
         max_seq_len: longest sequence kept, tokens (>= 8).
@@ -151,11 +161,8 @@ class PairTokenizer:
 
     def __init__(self, tokenizer: Any, max_seq_len: int):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
-        with_special = tokenizer("a", add_special_tokens=True).input_ids
-        plain = tokenizer("a", add_special_tokens=False).input_ids
-        start = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
-        self.prefix_ids = list(with_special[:start])
-        self.suffix_ids = list(with_special[start + len(plain):])
+        self.prefix_ids, self.suffix_ids = special_tokens_around(tokenizer)
+        self.stop_ids = set(stop_token_ids(tokenizer))
 
     def __call__(self, example: dict[str, Any], stats: DataStats, index: int = 0) -> PreferencePair | None:
         """Tokenize one pair; returns None (and counts the reason in ``stats.dropped``) if dropped."""
@@ -166,20 +173,24 @@ class PairTokenizer:
         if example["chosen"] == example["rejected"]:
             stats.dropped["identical replies"] += 1
             return None
-        prompt_c, reply_c, labels_c = self.encode(example["prompt"], example["chosen"])
-        prompt_r, reply_r, labels_r = self.encode(example["prompt"], example["rejected"])
-        budget = self.max_seq_len - len(self.suffix_ids)
-        longest = max(len(reply_c), len(reply_r))
-        keep_prompt = len(prompt_c)
+        try:
+            prompt_ids, replies, templated = self.encode_pair(example["prompt"], example["chosen"], example["rejected"])
+        except UnusableExample as err:
+            stats.dropped[err.reason] += 1
+            return None
+        suffix = [] if templated else self.suffix_ids  # a chat template writes its own special tokens
+        budget = self.max_seq_len - len(suffix)
+        longest = max(len(ids) for ids, _ in replies)
+        keep_prompt = len(prompt_ids)
         if keep_prompt + longest > budget:
             stats.num_truncated += 1
             keep_prompt = min(keep_prompt, max(budget - longest, budget // 2))
+        head = self._cut_left(prompt_ids, keep_prompt)
+        room = budget - len(head)
         sides = []
-        for prompt_ids, reply_ids, reply_labels in ((prompt_c, reply_c, labels_c), (prompt_r, reply_r, labels_r)):
-            head = self._cut_left(prompt_ids, keep_prompt)
-            room = budget - len(head)
-            ids = head + reply_ids[:room] + self.suffix_ids
-            labels = [IGNORE_INDEX] * len(head) + reply_labels[:room] + [IGNORE_INDEX] * len(self.suffix_ids)
+        for reply_ids, reply_labels in replies:
+            ids = head + reply_ids[:room] + suffix
+            labels = [IGNORE_INDEX] * len(head) + reply_labels[:room] + [IGNORE_INDEX] * len(suffix)
             labels[0] = IGNORE_INDEX
             if all(x == IGNORE_INDEX for x in labels):
                 stats.dropped["no reply tokens after truncation"] += 1
@@ -190,39 +201,60 @@ class PairTokenizer:
         stats.lengths.extend([len(pair.chosen_ids), len(pair.rejected_ids)])
         stats.num_tokens += pair.num_tokens
         stats.num_supervised += sum(x != IGNORE_INDEX for x in pair.chosen_labels + pair.rejected_labels)
-        eos = self.tokenizer.eos_token_id
-        stats.num_ending_with_eos += sum(eos is not None and [x for x in labels if x != IGNORE_INDEX][-1] == eos
-                                         for _, labels in sides)  # counts sequences (2 per pair)
+        stats.num_replies += 2  # counts sequences (2 per pair)
+        stats.num_ending_with_end_of_turn += sum([x for x in labels if x != IGNORE_INDEX][-1] in self.stop_ids
+                                                 for _, labels in sides)
         return pair
 
-    def encode(self, prompt: str | Messages, reply: str | Messages) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of the prompt (with leading special tokens), of the reply, and the reply's labels."""
-        text, prompt_len, spans = self.render(prompt, reply)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        prefix = [] if ids[: len(self.prefix_ids)] == self.prefix_ids else self.prefix_ids
-        split = next((j for j, (start, end) in enumerate(offsets) if end > start and start >= prompt_len), len(ids))
-        labels = [tok if any(s <= start < e for s, e in spans) and end > start else IGNORE_INDEX
-                  for tok, (start, end) in zip(ids, offsets)]
-        return prefix + ids[:split], ids[split:], labels[split:]
+    def encode_pair(self, prompt: str | Messages, chosen: str | Messages,
+                    rejected: str | Messages) -> tuple[list[int], list[tuple[list[int], list[int]]], bool]:
+        """The shared prompt ids, each side's reply ids and labels, and whether a chat template wrote the text.
 
-    def render(self, prompt: str | Messages, reply: str | Messages) -> tuple[str, int, list[tuple[int, int]]]:
-        """Text of prompt + reply, the prompt's length in characters, and the reply's labelled spans."""
+        Raises:
+            UnusableExample: a reply that cannot be located in the template's rendering.
+        """
+        chosen_ids, chosen_labels, chosen_start, templated = self.encode(prompt, chosen)
+        rejected_ids, rejected_labels, rejected_start, _ = self.encode(prompt, rejected)
+        shared = 0
+        while shared < min(chosen_start, rejected_start) and chosen_ids[shared] == rejected_ids[shared]:
+            shared += 1
+        return (chosen_ids[:shared], [(chosen_ids[shared:], chosen_labels[shared:]),
+                                      (rejected_ids[shared:], rejected_labels[shared:])], templated)
+
+    def encode(self, prompt: str | Messages, reply: str | Messages) -> tuple[list[int], list[int], int, bool]:
+        """Ids and labels of prompt + reply, the index of the first token that reaches into the
+        reply, and whether a chat template wrote the text (see :mod:`tunelab.data.encoding`)."""
+        text, prompt_len, spans, templated = self.render(prompt, reply)
+        ids, offsets = encode_text(self.tokenizer, text, templated)
+        labels = [tok if end > start and any(start < e and end > s for s, e in spans) else IGNORE_INDEX
+                  for tok, (start, end) in zip(ids, offsets)]
+        first = next((j for j, (start, end) in enumerate(offsets) if end > start and end > prompt_len), len(ids))
+        return ids, labels, first, templated
+
+    def render(self, prompt: str | Messages, reply: str | Messages) -> tuple[str, int, list[tuple[int, int]], bool]:
+        """Text of prompt + reply, the prompt's length in characters, the reply's labelled spans,
+        and whether a chat template wrote it.
+
+        Raises:
+            DataError: message lists without a chat template.
+            UnusableExample: the template renders the prompt differently once the reply follows.
+        """
         tok = self.tokenizer
         if not tok.chat_template:
             if not (isinstance(prompt, str) and isinstance(reply, str)):
                 raise DataError("message-list preference data needs a chat template; set model.chat_template "
                                 "(e.g. 'chatml') or give prompt/chosen/rejected as strings")
             text = prompt + reply + (tok.eos_token or "")
-            return text, len(prompt), [(len(prompt), len(text))]
+            return text, len(prompt), [(len(prompt), len(text))], False
         prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         reply_msgs = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else reply
-        prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        rendered = render_messages(tok, prompt_msgs + reply_msgs, "assistant")
-        if not rendered.text.startswith(prompt_text):
-            raise DataError("the chat template renders the prompt differently once a reply follows; "
-                            "set model.chat_template to a prefix-stable template")
-        return rendered.text, len(prompt_text), [s for s in rendered.spans if s[0] >= len(prompt_text)]
+        prompt_text = apply_template(tok, prompt_msgs, add_generation_prompt=True)
+        supervise = "last_turn" if len(reply_msgs) == 1 else "assistant"
+        rendering = render_messages(tok, prompt_msgs + reply_msgs, supervise)
+        rendered = rendering.examples[0]
+        if rendering.per_reply or not rendered.text.startswith(prompt_text):
+            raise UnusableExample("chat template renders the prompt differently once the reply follows")
+        return rendered.text, len(prompt_text), [s for s in rendered.spans if s[1] > len(prompt_text)], True
 
     def _cut_left(self, prompt_ids: list[int], keep: int) -> list[int]:
         if keep >= len(prompt_ids):
@@ -276,7 +308,7 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int, margin_field: str 
     train_pairs, train_stats = tokenize_pairs(train, encode)
     held_pairs, held_stats = tokenize_pairs(held, encode, first_index=len(train_pairs))
     if not train_pairs:
-        raise DataError(f"no training pair left of {train_stats.num_records} records "
+        raise DataError(f"{cfg.train.path}: no training pair left of {train_stats.num_records} records "
                         f"(dropped: {dict(train_stats.dropped) or 'none'})")
     return PreparedPairs(train_pairs, held_pairs, train_stats, held_stats, held)
 

@@ -28,8 +28,10 @@ EXPECTED_LAYOUT = {  # what a file of each type must hold, for error messages
 def load_records(source: DataSource) -> list[dict[str, Any]]:
     """All records of one data source as plain dicts, in file order.
 
+    A UTF-8 byte-order mark at the start of a JSON, JSON-lines or CSV file is accepted.
+
     Raises:
-        DataError: missing file, unsupported extension, an empty file, malformed JSON or CSV
+        DataError: missing file, a directory, unsupported extension, an empty file, malformed JSON or CSV
             (naming the file and line number), or a hub dataset that cannot be loaded.
     """
     if source.path.startswith("builtin:"):
@@ -53,6 +55,9 @@ def present_fields(record: dict[str, Any]) -> list[str]:
 
 def _load_local(path: Path) -> list[dict[str, Any]]:
     """Records of a local file; an empty file (no records) is an error naming the file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file; give one {'/'.join(LOCAL_SUFFIXES)} file "
+                        "(several files: one data source each, e.g. data.train and data.validation)")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix not in LOCAL_SUFFIXES:
@@ -90,7 +95,7 @@ def check_csv(path: Path) -> int:
     """
     header: list[str] | None = None
     num_rows = 0
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
             for row in reader:
@@ -157,7 +162,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         DataError: the first line that is not a JSON object, naming file and line number (1-based).
     """
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a leading UTF-8 BOM is accepted, as for CSV
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -178,7 +183,7 @@ def read_json(path: Path) -> list[dict[str, Any]]:
         DataError: malformed JSON (file and line), a top-level value that is neither an array nor an
             object, or an array element that is not an object.
     """
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a leading UTF-8 BOM is accepted, as for CSV
     if not text.strip():
         return []
     try:

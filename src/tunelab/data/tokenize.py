@@ -3,6 +3,11 @@
 Conventions: ``labels`` are aligned with ``input_ids`` (the loss shifts them), ``-100`` marks a
 token that does not count. ``labels[0]`` is always ``-100`` because no position predicts the
 first token; this keeps supervised-token counts identical whether examples are packed or not.
+
+Supervision comes from character offsets: a token counts when its characters overlap a supervised
+span. With byte-level BPE a prompt that ends in a space merges that space into the reply's first
+token (``"A: "`` + ``"Paris"`` → ``"A", ":", " Paris"``); that token overlaps the reply, so it is
+learned (it is never left untrained because it starts one character early).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.templates import Rendered, render
+from tunelab.data.encoding import encode_text
+from tunelab.data.stop_tokens import stop_token_ids
+from tunelab.data.templates import Rendered, UnusableExample, render
 
 IGNORE_INDEX = -100
 
@@ -31,7 +38,13 @@ class TokenizedExample:
 
 @dataclass
 class DataStats:
-    """What happened to the records of one dataset on their way to the loss."""
+    """What happened to the records of one dataset on their way to the loss.
+
+    ``num_replies`` counts the replies kept (for raw text: documents), ``num_ending_with_end_of_turn``
+    those whose last supervised token is the template's end-of-turn token or EOS (see
+    :func:`tunelab.data.stop_tokens.stop_token_ids`); ``num_split`` the conversations turned into one
+    example per reply because the template is not prefix-stable.
+    """
 
     num_records: int = 0
     num_examples: int = 0
@@ -40,7 +53,9 @@ class DataStats:
     lengths: list[int] = field(default_factory=list)
     num_tokens: int = 0
     num_supervised: int = 0
-    num_ending_with_eos: int = 0
+    num_replies: int = 0
+    num_ending_with_end_of_turn: int = 0
+    num_split: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Plain-dict view for logs and ``data inspect``."""
@@ -52,7 +67,9 @@ class DataStats:
             "tokens": self.num_tokens,
             "supervised_tokens": self.num_supervised,
             "supervised_fraction": round(self.num_supervised / max(self.num_tokens, 1), 4),
-            "examples_ending_reply_with_eos": self.num_ending_with_eos,
+            "replies": self.num_replies,
+            "replies_ending_with_end_of_turn": self.num_ending_with_end_of_turn,
+            "conversations_split_per_reply": self.num_split,
         }
 
 
@@ -69,19 +86,28 @@ class Tokenizer:
 
     def __init__(self, tokenizer: Any, max_seq_len: int, overlong: str, supervise: str):
         self.tokenizer, self.max_seq_len, self.overlong, self.supervise = tokenizer, max_seq_len, overlong, supervise
-        probe = tokenizer("a", add_special_tokens=True).input_ids
-        bos = tokenizer.bos_token_id
-        self.add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-        self.eos_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+        self.stop_ids = set(stop_token_ids(tokenizer))
 
     def __call__(self, example: dict[str, Any], stats: DataStats) -> list[TokenizedExample]:
-        """Tokenize one canonical example; returns 0, 1 (or, for raw text, several) examples.
+        """Tokenize one canonical example; returns 0, 1 or several examples (raw text blocks, or
+        one per reply for a template that is not prefix-stable).
 
         Dropped examples are counted in ``stats.dropped`` under their reason.
         """
-        rendered = render(self.tokenizer, example, self.supervise)
-        input_ids, labels = self.encode(rendered)
-        if "text" in example:
+        try:
+            rendering = render(self.tokenizer, example, self.supervise)
+        except UnusableExample as err:
+            stats.dropped[err.reason] += 1
+            return []
+        stats.num_split += int(rendering.per_reply)
+        out = []
+        for rendered in rendering.examples:
+            out.extend(self._tokenize(rendered, "text" in example, stats))
+        return out
+
+    def _tokenize(self, rendered: Rendered, raw_text: bool, stats: DataStats) -> list[TokenizedExample]:
+        input_ids, labels, reply_ends = self.encode(rendered)
+        if raw_text:
             pieces = [(input_ids[i : i + self.max_seq_len], labels[i : i + self.max_seq_len])
                       for i in range(0, len(input_ids), self.max_seq_len)]
         elif len(input_ids) > self.max_seq_len:
@@ -92,7 +118,7 @@ class Tokenizer:
             pieces = [(input_ids[: self.max_seq_len], labels[: self.max_seq_len])]
         else:
             pieces = [(input_ids, labels)]
-        out = []
+        out, kept = [], 0
         for ids, labs in pieces:
             labs = [IGNORE_INDEX, *labs[1:]]
             example_out = TokenizedExample(list(ids), labs)
@@ -100,23 +126,26 @@ class Tokenizer:
                 stats.dropped["no supervised tokens" + (" after truncation" if len(input_ids) > len(ids) else "")] += 1
                 continue
             out.append(example_out)
+            kept = max(kept, len(ids) if not raw_text else len(input_ids))
             stats.num_examples += 1
             stats.lengths.append(len(ids))
             stats.num_tokens += len(ids)
             stats.num_supervised += example_out.num_supervised
-            last = max((i for i, x in enumerate(labs) if x != IGNORE_INDEX), default=-1)
-            stats.num_ending_with_eos += int(labs[last] in self.eos_ids)
+        if out:
+            stats.num_replies += len(reply_ends)
+            stats.num_ending_with_end_of_turn += sum(0 <= j < kept and input_ids[j] in self.stop_ids
+                                                     for j in reply_ends)
         return out
 
-    def encode(self, rendered: Rendered) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered text, and labels that copy ids inside supervised spans."""
-        enc = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        if self.add_bos and not rendered.text.startswith(self.tokenizer.bos_token):
-            ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+    def encode(self, rendered: Rendered) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of the rendered text, labels that copy ids of tokens overlapping a supervised
+        span, and for each reply the index of its last token (-1 if it has none)."""
+        ids, offsets = encode_text(self.tokenizer, rendered.text, rendered.templated)
         labels = [IGNORE_INDEX] * len(ids)
-        spans = rendered.spans
         for j, (start, end) in enumerate(offsets):
-            if end > start and any(s <= start < e for s, e in spans):
+            if end > start and any(start < e and end > s for s, e in rendered.spans):
                 labels[j] = ids[j]
-        return ids, labels
+        replies = rendered.replies or ((0, len(rendered.text)),)
+        reply_ends = [max((j for j, (start, end) in enumerate(offsets) if end > start and start < e and end > s),
+                          default=-1) for s, e in replies]
+        return ids, labels, reply_ends

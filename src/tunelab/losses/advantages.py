@@ -20,6 +20,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "masked_whiten_with_metrics",
     "gae",
     "ppo_token_rewards",
     "grpo_advantages",
@@ -90,19 +91,57 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Normalize ``x`` to unit (unbiased) variance over real entries.
+    """Normalize ``x`` to unit (unbiased) variance over real entries only.
 
-    Returns ``(x - mean) / sqrt(var + eps)`` (plus ``mean`` again if
-    ``shift_mean=False``), same shape/dtype as ``x``; masked-out positions are
-    set to 0. Statistics are global over all real entries (batch whitening as
-    in the InstructGPT/TRL PPO implementations).
+    The tensor half of :func:`masked_whiten_with_metrics` (see there for the rule with fewer
+    than two real entries); never raises for a small or empty mask.
     """
+    return masked_whiten_with_metrics(x, mask, shift_mean, eps)[0]
+
+
+def masked_whiten_with_metrics(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Whiten ``x`` over the entries where ``mask`` is True, and say what was done.
+
+    With ``n >= 2`` real entries returns ``(x - mean) / sqrt(var + eps)`` (plus ``mean``
+    again if ``shift_mean=False``), mean and unbiased variance taken over the real entries
+    only (batch whitening as in the InstructGPT/TRL PPO implementations). With ``n < 2`` the
+    variance is undefined, so the values are NOT scaled: the result is ``x - mean`` (``x``
+    itself with ``shift_mean=False``), i.e. 0 for a single real entry; nothing raises.
+    Padding never leaks into the statistics (even inf/NaN there) and is 0 in the result.
+
+    Args:
+        x: any shape, floating (e.g. ``(B, T)`` advantages or rewards, reward units).
+        mask: bool, same shape; True = a real entry that counts.
+        shift_mean: subtract the mean (True) or keep it (False).
+        eps: added to the variance.
+
+    Returns:
+        ``(whitened, metrics)``: ``whitened`` has the shape and dtype of ``x``; ``metrics``
+        holds detached scalars ``whiten/num_valid`` (real entries), ``whiten/applied`` (1.0
+        when scaled, 0.0 when fewer than two real entries left it unscaled), ``whiten/mean``
+        and ``whiten/std`` (the statistics used; std 0 when not applied).
+
+    Raises:
+        TypeError / ValueError: ``mask`` not bool, or shapes differ.
+    """
+    _check_mask(mask, x)
+    n = int(mask.sum())
     mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    zeros = torch.zeros_like(x)
+    if n >= 2:
+        var = masked_var(x, mask, unbiased=True)
+        whitened = (torch.where(mask, x, zeros) - mean) * torch.rsqrt(var + eps)
+        std = var.detach().sqrt()
+    else:
+        whitened = torch.where(mask, x, zeros) - mean
+        std = torch.zeros((), dtype=x.dtype, device=x.device)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask, whitened, torch.zeros_like(whitened))
+    metrics = {"whiten/num_valid": torch.tensor(float(n)), "whiten/applied": torch.tensor(float(n >= 2)),
+               "whiten/mean": mean.detach(), "whiten/std": std}
+    return torch.where(mask, whitened, zeros), metrics
 
 
 def _check_right_padded(mask: torch.Tensor) -> None:
@@ -197,52 +236,92 @@ def ppo_token_rewards(
     return rewards
 
 
+GRPO_REWARD_SCALES = ("group", "batch", "none")
+
+
+def _group_index(group_ids: torch.Tensor | int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inverse, counts)``: each row's group number 0..K-1 and each group's size (K,)."""
+    if isinstance(group_ids, int):
+        if group_ids < 2:
+            raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_ids}")
+        if size % group_ids != 0:
+            raise ValueError(
+                f"batch size B={size} is not divisible by group_size G={group_ids}; with an int group size "
+                "rows must be num_groups contiguous groups of G completions (or pass per-row prompt ids)"
+            )
+        group_ids = torch.arange(size // group_ids).repeat_interleave(group_ids)
+    if group_ids.shape != (size,) or group_ids.is_floating_point():
+        raise ValueError(f"group_ids must be an integer (B,) = ({size},) tensor, got {group_ids.dtype} "
+                         f"{tuple(group_ids.shape)}")
+    values, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        lonely = values[counts < 2].tolist()
+        raise ValueError(f"every prompt needs >= 2 completions (a group of one has no baseline); "
+                         f"prompt id(s) {lonely[:10]} have one")
+    return inverse, counts
+
+
 @torch.no_grad()
 def grpo_advantages(
     rewards: torch.Tensor,
-    group_size: int,
-    scale_by_std: bool = True,
+    group_ids: torch.Tensor | int | None = None,
+    scale_rewards: str | bool = "group",
     eps: float = 1e-4,
+    *,
+    group_size: int | None = None,
+    scale_by_std: bool | None = None,
 ) -> torch.Tensor:
     """Group-relative outcome advantages (Shao et al. 2024, arXiv:2402.03300, Sec. 4.1.2).
 
-    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``, where std is the
-    UNBIASED sample std (Bessel, divisor G - 1), matching ``torch.std`` as used
-    by TRL's GRPOTrainer. ``scale_by_std=False`` returns ``r_i - mean`` only
-    (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783). A group with identical
-    rewards yields zeros.
+    ``A_i = (r_i - mean(r_group(i))) / (s + eps)``, the group being every row with the same
+    prompt id as row i, wherever those rows sit in the batch. ``s`` by ``scale_rewards``:
+
+    * ``"group"``: the UNBIASED std of the row's own group (Bessel, divisor G - 1), matching
+      ``torch.std`` as used by TRL's GRPOTrainer; a group with identical rewards yields zeros.
+    * ``"batch"``: the unbiased std of all B rewards of the rollout batch (TRL's
+      ``scale_rewards="batch"``; group means are still subtracted per group).
+    * ``"none"``: no division, ``A_i = r_i - mean(r_group(i))`` (Dr. GRPO, Liu et al. 2025,
+      arXiv:2503.20783).
 
     Args:
-        rewards: (B,) one scalar reward per completion, B = num_groups * G,
-            group-contiguous: rows ``[g*G:(g+1)*G]`` share prompt g.
-        group_size: G >= 2.
-        scale_by_std: divide by the group std.
+        rewards: (B,) one scalar reward per completion.
+        group_ids: (B,) integer prompt id of each row (any order, any values), or an int G
+            meaning contiguous groups ``rows [g*G:(g+1)*G]`` (then ``B % G == 0``).
+        scale_rewards: ``group`` | ``batch`` | ``none`` (a bool: True = group, False = none).
         eps: added to the std (not the variance).
+        group_size, scale_by_std: the older spelling of an int ``group_ids`` and of
+            ``scale_rewards`` = group (True) / none (False); used when given.
 
     Returns:
-        (B,) advantages, float32 (float64 if ``rewards`` is), no grad.
+        (B,) advantages in row order, float32 (float64 if ``rewards`` is), no grad.
 
     Raises:
-        ValueError: if ``rewards`` is not 1-D, G < 2, B % G != 0, or a reward
-            is non-finite (the message names the row index).
+        ValueError: if ``rewards`` is not 1-D, a group has fewer than 2 rows, an int G does
+            not divide B, ``group_ids`` is not an integer (B,) tensor, ``scale_rewards`` is
+            unknown, or a reward is non-finite (the message names the row index).
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
-    if group_size < 2:
-        raise ValueError(
-            f"group_size must be >= 2 (a group of one has no baseline), got {group_size}"
-        )
-    if rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"batch size B={rewards.shape[0]} is not divisible by group_size G={group_size}; "
-            "rows must be laid out as num_groups contiguous groups of G completions"
-        )
+    group_ids = group_size if group_size is not None else group_ids
+    if group_ids is None:
+        raise ValueError("grpo_advantages needs group_ids (per-row prompt ids) or a group size")
+    scale_rewards = scale_by_std if scale_by_std is not None else scale_rewards
+    if isinstance(scale_rewards, bool):
+        scale_rewards = "group" if scale_rewards else "none"
+    if scale_rewards not in GRPO_REWARD_SCALES:
+        raise ValueError(f"scale_rewards must be one of {GRPO_REWARD_SCALES}, got {scale_rewards!r}")
+    inverse, counts = _group_index(group_ids, rewards.shape[0])
     _check_finite(rewards, "rewards")
-    grouped = _float(rewards).view(-1, group_size)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        centered = centered / (grouped.std(dim=1, correction=1, keepdim=True) + eps)
-    return centered.reshape(-1)
+    r = _float(rewards)
+    inverse, counts = inverse.to(r.device), counts.to(r.device, r.dtype)
+    sums = torch.zeros(counts.shape[0], dtype=r.dtype, device=r.device).index_add_(0, inverse, r)
+    centered = r - (sums / counts)[inverse]
+    if scale_rewards == "group":
+        squares = torch.zeros_like(sums).index_add_(0, inverse, centered**2)
+        centered = centered / ((squares / (counts - 1)).sqrt()[inverse] + eps)
+    elif scale_rewards == "batch":
+        centered = centered / (r.std(correction=1) + eps)
+    return centered
 
 
 @dataclass

@@ -12,7 +12,12 @@ Divergence" (2020, http://joschu.net/blog/kl-approx.html), with
 
 * ``k1 = -log r``               unbiased, high variance, can be negative;
 * ``k2 = 0.5 * (log r) ** 2``   biased, low variance, always >= 0;
-* ``k3 = (r - 1) - log r``      unbiased, low variance, always >= 0.
+* ``k3 = (r - 1) - log r``      unbiased, low variance, always >= 0;
+* ``abs = |log r|``               biased, always >= 0 (an L1 penalty on the log-ratio,
+  one of the penalties TRL's PPO trainer offers as ``kl_penalty="abs"``).
+
+``KL_ESTIMATORS`` maps the config names (``rl.kl_estimator``) to these functions; the
+recipes use the chosen one both to shape the reward / loss and for the logged ``kl``.
 
 They are element-wise and do **no** masking or reduction: the returned
 ``(B, T)`` tensor has the same dtype as the inputs, and values at padding
@@ -39,6 +44,7 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_abs",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
@@ -74,10 +80,19 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_r) - log_r - 1.0
 
 
+def kl_abs(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """abs estimator ``|logps - ref_logps|`` (nats), element-wise, shape as inputs.
+
+    Biased (it upper-bounds ``|k1|``), non-negative. No masking, no reduction.
+    """
+    return (logps - ref_logps).abs()
+
+
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "k1": kl_k1,
     "k2": kl_k2,
     "k3": kl_k3,
+    "abs": kl_abs,
 }
 
 

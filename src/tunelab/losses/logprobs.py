@@ -139,14 +139,28 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """Numerically stable ``log(1 - exp(x))`` for ``x < 0``.
+    """Numerically stable ``log(1 - exp(x))`` for ``x <= 0``, exact to the dtype's precision.
 
     Uses ``log(-expm1(x))`` for ``x > -ln 2`` and ``log1p(-exp(x))`` otherwise
-    (Maechler 2012, "Accurately computing log(1 - exp(-|a|))"). ``x`` is
-    clamped to ``<= -eps`` (float eps of the dtype) so ``x == 0`` (a
-    probability of exactly 1) gives a large finite value instead of ``-inf``.
+    (Maechler 2012, "Accurately computing log(1 - exp(-|a|))", Eq. 7). Any
+    ``x < 0`` the dtype can hold is computed without bias (e.g. ``x = -1e-9``
+    in float32 gives ``log(1e-9)``, not the value at ``-eps``). Only ``x = 0``
+    itself (a probability of exactly 1), whose true value is ``-inf``, is moved
+    to the smallest normal magnitude ``-finfo.tiny``, giving a finite result
+    (about -87.3 in float32, -708.4 in float64) and, like any clamp, zero
+    gradient there. Each branch of the ``torch.where`` is fed only inputs
+    from its own domain, so the unused branch cannot turn gradients into NaN.
+
+    Args:
+        x: any shape, floating, ``<= 0`` (nats: a log-probability).
+
+    Returns:
+        Same shape and dtype as ``x``; finite, with finite gradients, for every
+        finite ``x <= 0``.
     """
-    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = x > -0.6931471805599453
-    # Both branches are finite on the clamped domain, so torch.where is safe.
-    return torch.where(near_zero, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    minus_one = torch.full_like(x, -1.0)
+    near = torch.log(-torch.expm1(torch.where(near_zero, x, minus_one)))
+    far = torch.log1p(-torch.exp(torch.where(near_zero, minus_one, x)))
+    return torch.where(near_zero, near, far)

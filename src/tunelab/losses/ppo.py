@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.losses.advantages import _check_finite, _check_mask, _float, masked_mean
-from tunelab.losses.kl import kl_k3
+from tunelab.losses.kl import KL_ESTIMATORS
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss", "grpo_loss"]
 
@@ -187,13 +187,16 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
     normalization: str = "token",
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (Shao et al. 2024, arXiv:2402.03300, Eq. 3 with the KL of Eq. 4).
 
-    Per real token: ``max(-A_i r, -A_i clip(r, 1-eps, 1+eps)) + beta * k3``,
+    Per real token: ``max(-A_i r, -A_i clip(r, 1-eps, 1+eps)) + beta * KL``,
     where ``A_i`` is the sequence advantage broadcast over its tokens,
-    ``r = exp(logps - old_logps)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``
-    (``kl_k3``). With a single update per rollout, ``old_logps == logps.detach()``.
+    ``r = exp(logps - old_logps)`` and ``KL`` the chosen per-token estimator of
+    :data:`tunelab.losses.kl.KL_ESTIMATORS` (default the paper's
+    ``k3 = exp(ref - logp) - (ref - logp) - 1``). With a single update per
+    rollout, ``old_logps == logps.detach()``.
 
     Reduction (``normalization``):
         * ``"token"``: sum over all real tokens of the batch / number of real
@@ -212,12 +215,20 @@ def grpo_loss(
         ref_logps: (B, T) reference log-probs; required when ``beta > 0``.
         beta: KL weight >= 0.
         normalization: ``"token"`` or ``"sequence"``.
+        kl_estimator: ``k1``, ``k2``, ``k3`` or ``abs`` (Schulman 2020).
 
     Returns:
         ``(loss, metrics)``: ``policy/clip_frac`` (mean over real tokens),
-        ``policy/kl`` (mean k3 over real tokens, nats; only if ``ref_logps``
-        is given), ``policy/num_tokens`` (number of real tokens, float).
+        ``policy/kl`` (mean over real tokens of the SAME estimator that enters
+        the loss, nats; only if ``ref_logps`` is given), ``policy/num_tokens``
+        (number of real tokens, float).
+
+    Raises:
+        ValueError: bad shapes/dtypes, ``beta > 0`` without ``ref_logps``, or an
+            unknown ``normalization`` / ``kl_estimator``.
     """
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
     _check_grpo_args(logps, old_logps, advantages, mask, ref_logps, beta, normalization)
     lp = _sanitize(mask, logps, detach=False)
     log_ratio = lp - _sanitize(mask, old_logps, detach=True)
@@ -225,7 +236,7 @@ def grpo_loss(
     per_token, clipped, _ = _clipped_surrogate(log_ratio, adv, clip_eps)
     metrics: dict[str, torch.Tensor] = {}
     if ref_logps is not None:
-        kl = kl_k3(lp, _sanitize(mask, ref_logps, detach=True))
+        kl = KL_ESTIMATORS[kl_estimator](lp, _sanitize(mask, ref_logps, detach=True))
         if beta > 0:
             per_token = per_token + beta * kl
         metrics["policy/kl"] = masked_mean(kl.detach(), mask)

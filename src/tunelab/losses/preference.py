@@ -20,6 +20,9 @@ Which one to pick
   larger ``beta`` (2.0) than DPO.
 * ``orpo`` - reference-free and single-stage: SFT on the chosen answer plus an
   odds-ratio penalty. Use when starting from a base (non-SFT) model.
+* ``kto`` - reference-based and UNPAIRED: each example is one completion
+  labelled desirable or undesirable (:func:`kto_loss`); use when feedback is
+  thumbs-up/down rather than pairs, or the two classes are imbalanced.
 
 Common metric keys: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins`` (mean chosen - rejected reward), ``rewards/accuracy``
@@ -41,6 +44,7 @@ __all__ = [
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",
+    "kto_loss",
     "orpo_loss",
     "simpo_loss",
 ]
@@ -253,7 +257,9 @@ def orpo_loss(
     ``L_OR = -log sigma(log odds(y_w) - log odds(y_l))`` and
     ``log odds(y) = m - log(1 - exp(m))``, ``m = log pi(y) / |y|`` the
     length-averaged log-prob (Eq. 4). ``log(1 - exp(m))`` uses
-    :func:`log1mexp` so ``m`` close to 0 stays finite.
+    :func:`log1mexp`, so the log-odds are exact (no clamp bias) as ``m``
+    approaches 0 and their gradient ``1 / (1 - exp(m))`` stays finite; only
+    ``m = 0`` exactly (p = 1) is moved to ``-finfo.tiny``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(B,)`` float summed
@@ -289,6 +295,81 @@ def orpo_loss(
     return loss, metrics
 
 
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    kl_mask: torch.Tensor | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """Kahneman-Tversky Optimization on unpaired examples.
+
+    Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8: with the implied reward
+    ``r(x, y) = log pi(y|x) - log ref(y|x)`` and the reference point
+    ``z_ref = max(0, mean_j [log pi(y_j'|x_j) - log ref(y_j'|x_j)])``, the
+    batch estimate of ``KL(pi || ref)`` from MISMATCHED prompt/completion
+    pairs ``(x_j, y_j')`` (``y_j'`` answers another prompt), the value is
+    ``v = lambda_D sigma(beta (r - z_ref))`` for a desirable example and
+    ``v = lambda_U sigma(beta (z_ref - r))`` for an undesirable one, and the
+    loss is ``lambda_y - v`` averaged over the B examples. As in the paper
+    (and TRL), ``z_ref`` is not backpropagated through. When no mismatched
+    pair is given (``kl_mask`` all False, e.g. a batch of one example, or one
+    whose examples all share a prompt) ``z_ref = 0``, the lower end of its
+    range, and ``kto/kl_pairs`` is 0.
+
+    Args:
+        policy_logps, ref_logps: ``(B,)`` float summed log-probs (nats) of each
+            example's completion; the reference is treated as a constant.
+        desirable: ``(B,)`` bool, True = desirable (thumbs up).
+        policy_kl_logps, ref_kl_logps: ``(B,)`` float summed log-probs (nats)
+            of the mismatched sequences.
+        kl_mask: ``(B,)`` bool, True where the mismatched sequence is real
+            (None = all); False rows are ignored (may hold anything).
+        beta: reward scale (paper and TRL default 0.1).
+        desirable_weight, undesirable_weight: ``lambda_D``, ``lambda_U`` > 0;
+            the paper advises ``lambda_D n_D / (lambda_U n_U)`` in ``[1, 4/3]``.
+
+    Returns:
+        ``(loss, metrics)``; loss is the mean over the B examples. Metrics:
+        ``rewards/chosen`` / ``rewards/rejected`` (mean ``beta * r`` over the
+        desirable / undesirable examples, 0 if none), ``rewards/margins``
+        (their difference), ``kto/kl`` (``z_ref``, nats), ``kto/kl_pairs``,
+        ``kto/num_desirable``, ``kto/num_undesirable``, ``logps/chosen`` and
+        ``logps/rejected`` (mean policy log-probs per class).
+
+    Raises:
+        ValueError: shapes differ, ``desirable`` is not bool, or a weight <= 0.
+    """
+    pl, rl, pkl, rkl = _check_pairs(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
+    kl_mask = torch.ones_like(desirable, dtype=torch.bool) if kl_mask is None else kl_mask
+    for name, mask in (("desirable", desirable), ("kl_mask", kl_mask)):
+        if mask.dtype != torch.bool or mask.shape != pl.shape:
+            raise ValueError(f"{name} must be a bool {tuple(pl.shape)} tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if not (desirable_weight > 0 and undesirable_weight > 0):
+        raise ValueError(f"KTO weights must be > 0, got {desirable_weight}, {undesirable_weight}")
+    num_kl = kl_mask.sum()
+    kl_terms = torch.where(kl_mask, pkl - rkl, torch.zeros_like(pkl))
+    z_ref = (kl_terms.sum() / num_kl.clamp(min=1)).clamp(min=0).detach()
+    rewards = pl - rl
+    weights = torch.where(desirable, torch.full_like(pl, desirable_weight), torch.full_like(pl, undesirable_weight))
+    value = torch.where(desirable, torch.sigmoid(beta * (rewards - z_ref)), torch.sigmoid(beta * (z_ref - rewards)))
+    loss = (weights * (1.0 - value)).mean()
+
+    def class_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x, torch.zeros_like(x)).sum().detach() / mask.sum().clamp(min=1)
+
+    chosen, rejected = class_mean(beta * rewards, desirable), class_mean(beta * rewards, ~desirable)
+    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+               "kto/kl": z_ref, "kto/kl_pairs": num_kl.to(pl.dtype),
+               "kto/num_desirable": desirable.sum().to(pl.dtype), "kto/num_undesirable": (~desirable).sum().to(pl.dtype),
+               "logps/chosen": class_mean(pl, desirable), "logps/rejected": class_mean(pl, ~desirable)}
+    return loss, metrics
+
+
 PreferenceLoss = Callable[..., tuple[torch.Tensor, Metrics]]
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
@@ -297,4 +378,5 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "hinge": hinge_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
+    "kto": kto_loss,
 }

@@ -23,17 +23,21 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def lm_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], normalizer: int, *, chunked: bool = True, chunk_size: int = 1024,
+    label_smoothing: float = 0.0, with_predictions: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss of a causal LM on a padded or packed batch, divided by ``normalizer``.
 
     With ``chunked`` (and a plain linear head) the decoder's final hidden states go to
     :func:`tunelab.losses.causal_lm.causal_lm_loss`, so the (tokens × vocab) logits are never
     materialized; otherwise the model's own logits are used (same value, more memory).
+    ``label_smoothing`` and ``with_predictions`` are passed on (see ``causal_lm_loss``).
     """
+    extra = {"label_smoothing": label_smoothing, "with_predictions": with_predictions}
     inputs = model_inputs(batch)
     if chunked and supports_hidden_state_loss(model):
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
-        return causal_lm_loss(hidden, head.weight, batch["labels"], normalizer, bias=head.bias, chunk_size=chunk_size)
+        return causal_lm_loss(hidden, head.weight, batch["labels"], normalizer, bias=head.bias, chunk_size=chunk_size,
+                              **extra)
     logits = model(**inputs, use_cache=False).logits
-    return causal_lm_loss_from_logits(logits, batch["labels"], normalizer)
+    return causal_lm_loss_from_logits(logits, batch["labels"], normalizer, **extra)

@@ -7,20 +7,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelab.data.encoding import prompt_ids
+
 
 def encode_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
     """Render conversations with the generation prompt and left-pad them into one batch.
 
-    Returns ``input_ids`` (B, T) and ``attention_mask`` (B, T), padded on the left so every
-    prompt ends at the last column and generation continues from the same position.
+    Returns ``input_ids`` (B, T) int64 and ``attention_mask`` (B, T) int64 (1 = token), padded on
+    the left so every prompt ends at the last column and generation continues from the same
+    position. Ids come from :func:`tunelab.data.encoding.prompt_ids` (the training BOS policy).
     """
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    rows = [prompt_ids(tokenizer, c) for c in conversations]  # the ids training sees for this prefix
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @torch.no_grad()

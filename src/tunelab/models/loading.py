@@ -60,7 +60,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
     Raises:
         ModelLoadError: alias whose package is not installed, a missing ``.gguf`` file, a missing
-            local path (one starting with ``/``, ``./``, ``../`` or ``~``: never sent to the hub), or
+            local path (see :func:`_looks_like_a_path`: never sent to the hub; the message names the
+            working directory it was looked up in), or
             a name without ``/`` that is not an alias or an existing path (likely a misspelled alias;
             the message suggests the closest one).
     """
@@ -75,12 +76,80 @@ def resolve_model_path(name_or_path: str) -> str:
         name_or_path = str(Path(spec.submodule_search_locations[0]) / alias.relpath)
     if name_or_path.endswith(".gguf"):
         return str(convert_gguf(Path(name_or_path)))
-    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
-        raise ModelLoadError(f"model path {name_or_path} does not exist (a local path, so the hub is not asked); "
-                             f"built-in aliases: {sorted(ALIASES)}")
-    if "/" not in name_or_path and not Path(name_or_path).exists():
+    if Path(name_or_path).expanduser().exists():
+        return name_or_path
+    if _looks_like_a_path(name_or_path):
+        where = Path(name_or_path).expanduser()
+        relative = "" if where.is_absolute() else (
+            f" relative to the working directory {Path.cwd()} (looked for {Path.cwd() / where})")
+        raise ModelLoadError(f"model path {name_or_path} was not found{relative}; it is a local path, so the hub is "
+                             f"not asked. Built-in aliases: {sorted(ALIASES)}")
+    if "/" not in name_or_path:
         raise ModelLoadError(_unknown_name_message(name_or_path))
     return name_or_path
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A reference that cannot be a hub id (``owner/name``) or whose first part is a local directory.
+
+    ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``a\\b``, names with ``.``/``..`` parts or that
+    are not valid repo ids, and ``models/x`` when ``./models`` exists: never sent to the hub.
+    """
+    if name.startswith(("/", "./", "../", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if "/" not in name:
+        return False
+    first = name.split("/")[0]
+    if first in (".", "..") or Path(first).is_dir():
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+_HUB_CHECKED: set[tuple[str, str | None]] = set()
+
+
+def check_hub_model(name_or_path: str, revision: str | None = None) -> None:
+    """Fail within seconds when a hub id can be neither read from the local cache nor reached.
+
+    transformers retries an unreachable hub for about a minute per file; this asks once, with a
+    short timeout, and only when the model is not cached and ``HF_HUB_OFFLINE`` is not set.
+
+    Raises:
+        ModelLoadError: naming the local path that was looked for, and why the hub did not answer.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if (name_or_path, revision) in _HUB_CHECKED or Path(name_or_path).expanduser().exists():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    if isinstance(huggingface_hub.try_to_load_from_cache(name_or_path, "config.json", revision=revision), str):
+        _HUB_CHECKED.add((name_or_path, revision))
+        return
+    try:
+        huggingface_hub.model_info(name_or_path, revision=revision, timeout=10)
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(f"model '{name_or_path}': no such local directory ({Path.cwd() / name_or_path} relative "
+                             f"to the working directory) and no such model on the hub ({_first_line(err)})") from err
+    except HfHubHTTPError:
+        pass  # the hub answered (gated, rate limit, ...): transformers reports it in its own words
+    except Exception as err:  # no network: connection, DNS or timeout errors of the HTTP client
+        raise ModelLoadError(
+            f"model '{name_or_path}': no such local directory ({Path.cwd() / name_or_path} relative to the working "
+            f"directory), not in the Hugging Face cache, and the hub cannot be reached ({_first_line(err)}). Fix the "
+            "path, or download the model while online (set HF_HUB_OFFLINE=1 to use only the cache)") from err
+    _HUB_CHECKED.add((name_or_path, revision))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _unknown_name_message(name: str) -> str:
@@ -139,6 +208,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    check_hub_model(path, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
@@ -178,6 +248,7 @@ def load_model(
 
     auto_class = auto_class or AutoModelForCausalLM
     path = resolve_model_path(name_or_path)
+    check_hub_model(path, revision)
     local = Path(path)
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"model path {path} is a file; expected a model directory or a .gguf file")

@@ -22,7 +22,7 @@ from tunelab import __version__
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
-from tunelab.training.checkpoint import atomic_dir
+from tunelab.training.outputs import atomic_dir
 
 RUN_INFO = "tunelab.json"
 

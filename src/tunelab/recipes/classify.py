@@ -46,10 +46,12 @@ from tunelab.recipes.prepare import (
 from tunelab.training.loop import fit, total_steps
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import pick_device
+from tunelab.training.outputs import holds_run_lock
 
 HEAD_NAMES = ("score", "classifier")
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a classifier as configured; returns the results also stored in ``tunelab.json``."""

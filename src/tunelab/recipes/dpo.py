@@ -50,8 +50,10 @@ from tunelab.recipes.reward import wilson_interval
 from tunelab.training.loop import Batch, BatchPlan, fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run DPO (or IPO/hinge/SimPO/ORPO) as configured; returns the results stored in ``tunelab.json``."""
@@ -157,10 +159,10 @@ def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tupl
         model, tokenizer, _ = load_run(path, attn_implementation=mc.attn_implementation, dtype=dtype)
         merge_lora(model)
         model.requires_grad_(True)
-        resolve_chat_template(tokenizer, mc.chat_template)
+        resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
         return model, tokenizer, True
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    resolve_chat_template(tokenizer, mc.chat_template)
+    resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
                        revision=mc.revision, attn_implementation=mc.attn_implementation, dtype=dtype)
     return model, tokenizer, False

@@ -2,9 +2,11 @@
 
 Each RL step: take ``train.batch_size`` prompts, sample ``rl.num_generations`` (G) completions of
 each from the current policy, score them with the reward terms, turn the rewards into
-group-normalized advantages (Sec. 4.1.2; ``rl.scale_rewards: none`` = Dr. GRPO), then run
-``rl.ppo_epochs`` passes of the clipped objective (Eq. 3) over mini-batches, with an optional k3 KL
-to the reference (Eq. 4, ``rl.beta``); the loss is averaged over real completion tokens only.
+group-normalized advantages grouped by prompt id (Sec. 4.1.2; ``rl.scale_rewards``: ``group`` std,
+``batch`` std of the whole rollout, ``none`` = Dr. GRPO), then run ``rl.ppo_epochs`` passes of the
+clipped objective (Eq. 3) over mini-batches, with an optional KL to the reference (``rl.beta``;
+``rl.kl_estimator``, k3 = Eq. 4 by default, the same estimator logged as ``policy/kl``); the loss
+is averaged over real completion tokens only.
 
 Deliberate simplifications: outcome supervision only (one reward per completion, no process
 rewards); no iterative reward-model retraining (Sec. 4.1.4); the reference is the starting
@@ -36,8 +38,10 @@ from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run GRPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
@@ -71,7 +75,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         console.print(f"step {step + 1}/{steps}  reward {record['reward/mean']:+.3f}  "
                       f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
     after = held_out_rewards(session, config) if session.held_out else None
-    results = rl_results(session, before, after, steps, started)
+    results = {**rl_results(session, before, after, steps, started), "scale_rewards": rl.scale_rewards,
+               "kl_estimator": rl.resolved_kl_estimator("grpo")}
     save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
              config_yaml=dump_config(config), results=results)
     plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"GRPO {config.model.name_or_path}",
@@ -87,7 +92,7 @@ def grpo_step(session: RLSession, prompts: list, config: Config, optimizer, sche
     batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
                             stop_ids=session.stop_ids, device=session.device)
     rewards, per_term = compute_rewards(session.terms, inputs)
-    advantages = grpo_advantages(rewards, rl.num_generations, scale_by_std=rl.scale_rewards == "std")
+    advantages = grpo_advantages(rewards, batch.prompt_index.cpu(), scale_rewards=rl.scale_rewards)
     batch.extra["advantages"] = advantages.to(session.device)
     args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     off_policy = rl.ppo_epochs > 1 or (rl.mini_batch_size or len(batch)) < len(batch)
@@ -103,7 +108,8 @@ def grpo_step(session: RLSession, prompts: list, config: Config, optimizer, sche
         old = micro.extra.get("old_logps", scored.logps.detach())
         loss, metrics = grpo_loss(scored.logps, old, micro.extra["advantages"], micro.loss_mask, rl.clip_eps,
                                   ref_logps=micro.extra.get("ref_logps"), beta=rl.beta,
-                                  normalization=rl.loss_normalization)
+                                  normalization=rl.loss_normalization,
+                                  kl_estimator=rl.resolved_kl_estimator("grpo"))
         metrics["entropy"] = masked_mean(scored.entropy, micro.loss_mask)
         return loss, metrics
 
@@ -115,17 +121,18 @@ def grpo_step(session: RLSession, prompts: list, config: Config, optimizer, sche
             grad_norms.append(optimizer_step(optimizer, scheduler, tc.max_grad_norm))
             for key, value in metrics.items():
                 sums.setdefault(key, []).append(value)
-    record = _rollout_record(rewards, per_term, inputs.num_tokens, batch, rl.num_generations)
+    record = _rollout_record(rewards, per_term, inputs.num_tokens, batch)
     record.update({k: round(sum(v) / len(v), 6) for k, v in sums.items()}, grad_norm=round(max(grad_norms), 4))
     return record, sample_records(inputs, rewards, per_term, limit=rl.num_logged_samples)
 
 
-def _rollout_record(rewards, per_term, num_tokens, batch: RolloutBatch, group_size: int) -> dict[str, Any]:
-    grouped = rewards.view(-1, group_size)
+def _rollout_record(rewards, per_term, num_tokens, batch: RolloutBatch) -> dict[str, Any]:
+    ids = batch.prompt_index.cpu()
+    flat = torch.stack([rewards[ids == i].std() == 0 for i in ids.unique()])
     return {"reward/mean": round(float(rewards.mean()), 4), "reward/std": round(float(rewards.std()), 4),
             **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
             "length/mean": round(sum(num_tokens) / len(num_tokens), 2),
             "truncated": round(float(batch.truncated.float().mean()), 4),
-            "groups_without_signal": round(float((grouped.std(dim=1) == 0).float().mean()), 4)}
+            "groups_without_signal": round(float(flat.float().mean()), 4)}
 
 

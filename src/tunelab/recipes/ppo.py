@@ -3,9 +3,10 @@
 Each RL step (Ouyang et al. 2022, arXiv:2203.02155, Sec. 3.5; Ziegler et al. 2019, arXiv:1909.08593):
 sample completions for ``train.batch_size`` prompts, score each with the reward terms (typically a
 ``reward_model`` run), spread the score onto the last completion token and subtract
-``kl_coef * KL`` at every token (k1 or k3 estimator against the reference = the policy with
-LoRA switched off), estimate advantages with GAE (Schulman et al. 2016, arXiv:1506.02438) from
-the value head, whiten them, and run ``rl.ppo_epochs`` passes of the clipped policy loss
+``kl_coef * KL`` at every token (``rl.kl_estimator``: k1, k2, k3 or abs against the reference = the
+policy with LoRA switched off; the same estimator is logged as ``kl``), estimate advantages with GAE (Schulman et al. 2016, arXiv:1506.02438) from
+the value head, whiten them over real tokens (``advantages/applied`` is 0 when fewer than two
+real tokens left them unscaled), and run ``rl.ppo_epochs`` passes of the clipped policy loss
 (Schulman et al. 2017, arXiv:1707.06347, Eq. 7) plus ``vf_coef`` × the clipped value loss over
 mini-batches. The KL coefficient is fixed or adaptive (Ziegler et al. 2019, Sec. 2.2).
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
-from tunelab.losses.advantages import RunningMoments, gae, masked_mean, masked_whiten, ppo_token_rewards
+from tunelab.losses.advantages import RunningMoments, gae, masked_mean, masked_whiten_with_metrics, ppo_token_rewards
 from tunelab.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from tunelab.models.run import save_run
@@ -45,8 +46,10 @@ from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run PPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
@@ -86,7 +89,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         console.print(f"step {step + 1}/{steps}  score {record['reward/mean']:+.3f}  kl {record['kl']:.3f}  "
                       f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
     after = held_out_rewards(session, config) if session.held_out else None
-    results = rl_results(session, before, after, steps, started)
+    results = {**rl_results(session, before, after, steps, started), "kl_estimator": rl.resolved_kl_estimator("ppo")}
     save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
              config_yaml=dump_config(config), results=results)
     value_head.save(output_dir)
@@ -104,19 +107,25 @@ def value_param_group(value_head: ValueHead, config: Config) -> dict[str, Any]:
 
 @torch.no_grad()
 def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBatch, scores: torch.Tensor,
-                    config: Config, reference: nn.Module | None, kl_coef: float) -> dict[str, torch.Tensor]:
-    """Old log-probs/values, per-token KL, KL-shaped rewards, GAE advantages (whitened) and returns, all (B, C)."""
+                    config: Config, reference: nn.Module | None,
+                    kl_coef: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Whitening metrics, and old log-probs/values, per-token KL, KL-shaped rewards, GAE advantages (whitened
+    over real tokens) and returns, all (B, C). The ``kl`` returned (masked) is exactly the estimator
+    (``rl.kl_estimator``) whose ``kl_coef`` multiple was subtracted from the rewards, so what is logged is what
+    shaped the reward."""
     rl, mask = config.rl, batch.loss_mask
     args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     old = score_completions(session.model, *args, temperature=rl.temperature, value_head=value_head)
     ref = reference_logps(session.model, *args, temperature=rl.temperature, reference=reference)
-    kl = KL_ESTIMATORS[rl.kl_estimator](old.logps, ref)
+    kl = KL_ESTIMATORS[rl.resolved_kl_estimator("ppo")](old.logps, ref)
     rewards = ppo_token_rewards(scores.to(mask.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old.values, mask, rl.gamma, rl.lam)
-    if rl.whiten_advantages and int(mask.sum()) > 1:
-        advantages = masked_whiten(advantages, mask)
-    return {"old_logps": old.logps, "old_values": old.values, "advantages": advantages, "returns": returns,
-            "kl": torch.where(mask, kl, torch.zeros_like(kl)), "entropy": old.entropy}
+    whiten_metrics: dict[str, torch.Tensor] = {}
+    if rl.whiten_advantages:  # fewer than two real tokens: left unscaled, and whiten/applied says so
+        advantages, whiten_metrics = masked_whiten_with_metrics(advantages, mask)
+    return whiten_metrics, {
+        "old_logps": old.logps, "old_values": old.values, "advantages": advantages, "returns": returns,
+        "kl": torch.where(mask, kl, torch.zeros_like(kl)), "entropy": old.entropy}
 
 
 def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: Config, optimizer, scheduler,
@@ -136,7 +145,8 @@ def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: C
     if moments is not None:
         moments.update(scores)
         normalized = moments.normalize(scores)
-    batch.extra.update(make_advantages(session, value_head, batch, normalized, config, reference, kl_coef))
+    whiten_metrics, extra = make_advantages(session, value_head, batch, normalized, config, reference, kl_coef)
+    batch.extra.update(extra)
     seq_kl = batch.extra["kl"].sum(dim=1)
 
     def loss_fn(micro: RolloutBatch):
@@ -161,6 +171,7 @@ def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: C
               **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
               "reward/normalized_mean": round(float(normalized.mean()), 4),
               "kl": round(float(seq_kl.mean()), 4), "kl_coef": round(kl_coef, 5),
+              **{f"advantages/{k.removeprefix('whiten/')}": round(float(v), 6) for k, v in whiten_metrics.items()},
               "entropy": round(float(masked_mean(batch.extra["entropy"], batch.loss_mask)), 4),
               "length/mean": round(sum(inputs.num_tokens) / len(inputs.num_tokens), 2),
               "truncated": round(float(batch.truncated.float().mean()), 4), "grad_norm": round(max(grad_norms), 4),

@@ -1,4 +1,7 @@
-"""Steps every recipe shares before its loop: seeding, output-dir safety, trainable-parameter setup."""
+"""Steps every recipe shares before its loop: seeding, before-training results, trainable-parameter setup.
+
+The output-directory checks live in :mod:`tunelab.training.outputs` (re-exported here for the recipes).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ from torch import nn
 from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
-from tunelab.training.checkpoint import list_checkpoints
-from tunelab.training.resume import resume_checkpoint, verified_checkpoint
+from tunelab.training.outputs import BEFORE_TRAINING, RUN_MARKERS, atomic_file, check_output_dir  # noqa: F401
 
 
 def seed_everything(seed: int, threads: int | None) -> None:
@@ -24,39 +26,6 @@ def seed_everything(seed: int, threads: int | None) -> None:
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
-
-
-def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: bool) -> Path | None:
-    """Refuse to clobber an existing run; return the checkpoint to resume from, if any.
-
-    With ``overwrite`` nothing is deleted here: the replaced run's checkpoints are removed by
-    :func:`tunelab.training.loop.fit` just before the first step, after data and model loading
-    succeeded, so an ``--overwrite`` that fails on bad input leaves the old run resumable.
-
-    Raises:
-        TunelabError: the directory already holds a run and neither resume nor overwrite was
-            asked for, resume was asked for and there is no intact checkpoint (or the one named is
-            damaged; see :mod:`tunelab.training.resume`), or the directory is not
-            empty and holds no tunelab run (never written into, even with ``overwrite``).
-    """
-    if resume:  # the newest intact checkpoint (damaged ones named and skipped), or the one asked for
-        if isinstance(resume, str) and resume not in ("latest", "true"):
-            return verified_checkpoint(Path(resume))
-        return resume_checkpoint(output_dir)
-    existing = list_checkpoints(output_dir)
-    if (existing or (output_dir / "tunelab.json").exists()) and not overwrite:
-        raise TunelabError(
-            f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another output_dir"
-        )
-    _refuse_foreign_dir(output_dir)
-    return None
-
-
-# Names only tunelab writes into an output_dir; one of them marks the directory as a run's (perhaps one
-# interrupted before its first checkpoint), which --overwrite may replace.
-BEFORE_TRAINING = "before_training.json"
-RUN_MARKERS = ("tunelab.json", "checkpoints", "metrics.jsonl", "reference_logps", BEFORE_TRAINING)
 
 
 def before_training(output_dir: Path, resume_from: Path | None, measure: Callable[[], dict[str, Any]], *,
@@ -73,33 +42,9 @@ def before_training(output_dir: Path, resume_from: Path | None, measure: Callabl
         return json.loads(path.read_text()) if path.is_file() else {}
     record = measure()
     if write:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = output_dir / f".{BEFORE_TRAINING}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
     return record
-
-
-def _refuse_foreign_dir(output_dir: Path) -> None:
-    """Refuse an ``output_dir`` that is a file, or a non-empty directory that no tunelab run wrote.
-
-    A run writes model, tokenizer and report files under fixed names, which would silently replace
-    a user's files of the same name; tunelab never deletes user files, so it asks for another
-    directory instead, ``--overwrite`` or not.
-    """
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise TunelabError(f"output_dir {output_dir} is a file, not a directory; choose another output_dir")
-    entries = sorted(p.name for p in output_dir.iterdir())
-    if entries and not any(name in RUN_MARKERS for name in entries):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise TunelabError(
-            f"output_dir {output_dir} is not empty and is not a tunelab run (it holds {shown}); a run would "
-            "write its model and report files among them, so tunelab refuses (--overwrite only replaces "
-            "earlier tunelab runs). Set output_dir to a new or empty directory, e.g. "
-            f"output_dir={output_dir / 'run'}"
-        )
 
 
 def setup_trainable(model: nn.Module, config: Config, modules_to_save: list[str] = ()) -> list[str]:

@@ -42,10 +42,12 @@ from tunelab.recipes.prepare import (
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.precision import autocast, pick_device
+from tunelab.training.outputs import holds_run_lock
 
 HEAD_NAMES = ("score", "classifier", "pre_classifier")
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a Bradley-Terry reward model as configured; returns the results stored in ``tunelab.json``."""
@@ -61,7 +63,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     mc = config.model
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    resolve_chat_template(tokenizer, mc.chat_template)
+    resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     data = prepare_pairs(config.data, tokenizer, tc.seed, pc.margin_field, pc.margin)
     console.print(f"[bold]data[/] pairs train={data.train_stats.summary()}")
     if data.validation:

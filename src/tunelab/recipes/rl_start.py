@@ -1,4 +1,4 @@
-"""The opening both RL recipes (GRPO, PPO) share: refuse resume, guard the output dir, seed, load
+"""The opening both RL recipes (GRPO, PPO) share: refuse torchrun and resume, guard the output dir, seed, load
 the session (policy, tokenizer, prompts, rewards) and score the starting policy on held-out prompts."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tunelab.errors import TunelabError
 from tunelab.recipes.prepare import check_output_dir, seed_everything
 from tunelab.rollout.evaluate import held_out_rewards
 from tunelab.rollout.session import RLSession, open_session
+from tunelab.training.distributed import env_world_size
 from tunelab.training.precision import pick_device
 
 
@@ -22,8 +23,11 @@ def start_rl_run(config: Config, *, resume: bool | str | None, overwrite: bool,
     """Returns the session, the held-out reward of the starting policy (or None) and the start time (s).
 
     Raises:
-        TunelabError: ``resume`` was asked for (RL runs cannot resume), or ``output_dir`` holds a run.
+        TunelabError: launched by torchrun with several processes (``WORLD_SIZE`` > 1: RL recipes run on
+            one process; each copy would train on its own and write the same ``output_dir``), ``resume``
+            was asked for (RL runs cannot resume), or ``output_dir`` holds a run.
     """
+    refuse_several_processes(config.task)
     if resume:
         raise TunelabError(f"task={config.task} cannot resume from a checkpoint; start again with --overwrite")
     started = time.perf_counter()
@@ -34,3 +38,15 @@ def start_rl_run(config: Config, *, resume: bool | str | None, overwrite: bool,
     if before:
         console.print(f"[bold]before[/] held-out reward {before['reward']:.4f} on {before['num_prompts']} prompts")
     return session, before, started
+
+
+def refuse_several_processes(task: str) -> None:
+    """Raise :class:`TunelabError` when ``WORLD_SIZE`` > 1: ``task`` (ppo, grpo) has no distributed rollout
+    or update yet, so N torchrun copies would train N independent policies into one ``output_dir``."""
+    world_size = env_world_size()
+    if world_size > 1:
+        raise TunelabError(
+            f"task={task} runs on one process only, but torchrun started {world_size} (WORLD_SIZE={world_size}): "
+            "each copy would train its own policy and write the same output_dir. Launch it without torchrun "
+            f"(tunelab train CONFIG), or use a task that supports several processes (sft)"
+        )

@@ -33,8 +33,10 @@ from tunelab.recipes.prepare import (
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
 from tunelab.training.distributed import init_distributed
+from tunelab.training.outputs import holds_run_lock
 
 
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""
@@ -50,7 +52,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                                revision=config.model.revision)
-    resolve_chat_template(tokenizer, config.model.chat_template)
+    resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
     data = prepare_data(config.data, tokenizer, config.train.seed)
     console.print(f"[bold]data[/] format={data.format} train={data.train_stats.summary()}")
     if data.validation:
@@ -87,12 +89,13 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           packing=config.data.packing, shuffle=config.data.shuffle, seed=tc.seed,
                           pad_token_id=tokenizer.pad_token_id, flatten_rows=flatten_rows)
     result = fit(
-        model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size),
+        model, plan, lambda m, b, n: lm_loss(m, b, n, chunked=tc.chunked_ce, chunk_size=tc.ce_chunk_size,
+                                         label_smoothing=tc.label_smoothing),
         lambda b: b["num_supervised"], tc, output_dir, config_yaml,
         evaluate=evaluate if eval_batches else None, resume_from=resume_from, device=device, runtime=runtime,
     )
     after = next((r for r in reversed(result.history) if "eval/loss" in r), None)
-    after = {"loss": after["eval/loss"], "ppl": after["eval/ppl"]} if after else None
+    after = {k: after[f"eval/{k}"] for k in ("loss", "ppl", "token_accuracy")} if after else None
     with runtime.full_weights():  # FSDP: gather the shards so the model generates and saves as a whole
         answers_after = _answers(model, tokenizer, prompts, config)
 
@@ -113,16 +116,17 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
 
 def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[str, str]]]:
-    prompts = []
+    """The first ``n`` distinct held-out prompts (conversation up to its last assistant turn); ``n = 0``: none."""
+    prompts: list[list[dict[str, str]]] = []
     for example in examples:
+        if len(prompts) >= n:
+            break
         messages = example.get("messages")
         if not messages:
             continue
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
         if last > 0 and messages[:last] not in prompts:
             prompts.append(messages[:last])
-        if len(prompts) == n:
-            break
     return prompts
 
 
@@ -135,15 +139,17 @@ def _answers(model, tokenizer, prompts, config: Config) -> list[str]:
 def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None:
     before, after = results["held_out_before"], results["held_out_after"]
     if after:
-        table = Table(title="held-out loss (nats/token) and perplexity")
-        for col in ("", "loss", "perplexity"):
+        table = Table(title="held-out loss (nats/token), perplexity and token accuracy")
+        for col in ("", "loss", "perplexity", "token accuracy"):
             table.add_column(col)
+        acc = {name: f"{m['token_accuracy']:.4f}" if "token_accuracy" in m else "-"
+               for name, m in (("before", before or {}), ("after", after))}
         if before:
-            table.add_row("before", f"{before['loss']:.4f}", f"{before['ppl']:.2f}")
-        table.add_row("after", f"{after['loss']:.4f}", f"{after['ppl']:.2f}")
+            table.add_row("before", f"{before['loss']:.4f}", f"{before['ppl']:.2f}", acc["before"])
+        table.add_row("after", f"{after['loss']:.4f}", f"{after['ppl']:.2f}", acc["after"])
         if before:
             table.add_row("change", f"{after['loss'] - before['loss']:+.4f}",
-                          f"{after['ppl'] / before['ppl']:.2f}×")
+                          f"{after['ppl'] / before['ppl']:.2f}×", "")
         console.print(table)
     print_side_by_side(console, results["samples"], "held-out questions: starting model vs fine-tuned", "question")
     console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

@@ -1,7 +1,9 @@
 """A rollout batch (prompts, sampled completions, rewards) and exact micro-batch accumulation.
 
-Row layout: GRPO groups are contiguous — rows ``[g*G:(g+1)*G]`` are the G completions of prompt g —
-which is what :func:`tunelab.losses.advantages.grpo_advantages` expects.
+Row layout: :func:`rollout` makes GRPO groups contiguous (rows ``[g*G:(g+1)*G]`` are the G
+completions of prompt g) and records each row's prompt in ``prompt_index``; advantages are grouped
+by that id (:func:`tunelab.losses.advantages.grpo_advantages`), never by row position, so a caller
+that reorders or interleaves rows stays correct.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RolloutBatch:
     ``prompt_ids``/``prompt_mask`` (B, P) left-padded; ``completion_ids``/``completion_mask`` (B, C)
     right-padded; ``loss_mask`` (B, C) bool = the completion tokens that count in the loss
     (``completion_mask``, minus truncated rows when ``rl.mask_truncated``); ``truncated`` (B,) bool;
+    ``prompt_index`` (B,) long: which prompt of the step each row answers (None: unknown);
     ``extra``: per-row tensors added later (old/ref log-probs, advantages, returns, values).
     """
 
@@ -36,6 +39,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     loss_mask: torch.Tensor
     truncated: torch.Tensor
+    prompt_index: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -44,7 +48,8 @@ class RolloutBatch:
     def select(self, rows: torch.Tensor) -> RolloutBatch:
         """The sub-batch of ``rows`` (1-D long), completion columns trimmed to its longest reply."""
         width = max(1, int(self.completion_mask[rows].sum(dim=1).max()))
-        out = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "extra"}
+        out = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+               for f in fields(self) if f.name != "extra"}
         for key in ("completion_ids", "completion_mask", "loss_mask"):
             out[key] = out[key][:, :width]
         extra = {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]) for k, v in self.extra.items()}
@@ -66,7 +71,9 @@ def rollout(
     out = sample_completions(model, prompt_ids, prompt_mask, max_new_tokens=rl.max_new_tokens, stop_ids=stop_ids,
                              pad_id=tokenizer.pad_token_id, temperature=rl.temperature, top_p=rl.top_p, greedy=greedy)
     loss_mask = out.completion_mask & ~out.truncated[:, None] if rl.mask_truncated else out.completion_mask
-    batch = RolloutBatch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, loss_mask, out.truncated)
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
+    batch = RolloutBatch(prompt_ids, prompt_mask, out.completion_ids, out.completion_mask, loss_mask, out.truncated,
+                         prompt_index)
     texts = [tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
              for ids, mask in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
     inputs = RewardInputs(prompts=[p.text for p in repeated], messages=[p.messages for p in repeated],

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tunelab.config.schema import DataConfig, DataSource
+from tunelab.data.encoding import prompt_ids
 from tunelab.data.sources import load_records, present_fields
 from tunelab.errors import DataError
 
@@ -92,17 +93,17 @@ def load_prompts(
         raise DataError("RL prompts are rendered with a chat template; set model.chat_template (e.g. 'chatml')")
     records = load_records(source)[:limit] if limit else load_records(source)
     result = PromptSet([], num_records=len(records))
-    seen: set[str] = set()
+    seen: set[tuple[int, ...]] = set()
     for i, record in enumerate(records, start=1):
         messages = record_messages(record, data.columns, where=f"{source.path} record #{i}")
-        if data.system_prompt and messages[0]["role"] != "system":
+        if data.system_prompt not in ("default", "none") and messages[0]["role"] != "system":
+            # what the template renders anyway (see tunelab.data.system_prompt); reward functions see it too
             messages.insert(0, {"role": "system", "content": data.system_prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text in seen:  # the same prompt twice (e.g. preference pairs sharing a prompt) is kept once
+        ids = prompt_ids(tokenizer, messages)  # the ids chat and training use for this prefix
+        if tuple(ids) in seen:  # the same prompt twice (e.g. preference pairs sharing a prompt) is kept once
             result.num_duplicates += 1
             continue
-        seen.add(text)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        seen.add(tuple(ids))
         if len(ids) > max_prompt_len:
             result.num_too_long += 1
             result.longest_dropped = max(result.longest_dropped, len(ids))

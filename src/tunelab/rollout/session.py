@@ -44,7 +44,7 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
     """
     mc, rl = config.model, config.rl
     tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    resolve_chat_template(tokenizer, mc.chat_template)
+    resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     train = load_prompts(config.data.train, config.data, tokenizer, rl.max_prompt_len, config.data.max_examples)
     held_too_long = 0
     held_in_train = 0

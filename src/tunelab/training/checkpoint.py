@@ -24,10 +24,8 @@ into place once all ranks are done.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from torch import nn
 from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.training.manifest import write_manifest
+from tunelab.training.outputs import atomic_dir, commit_dir  # noqa: F401  (the one place that writes)
 
 if TYPE_CHECKING:
     from tunelab.training.distributed import Runtime
@@ -59,23 +58,6 @@ class TrainState:
     micro_batches: int = 0
     micro_batch_size: int | None = None
     micro_batches_per_step: int | None = None
-
-
-def atomic_dir(target: Path) -> Path:
-    """A fresh temp directory next to ``target``; pair with :func:`commit_dir`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-
-
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temp directory into place, replacing an older ``target`` only at the end."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def save_checkpoint(
@@ -104,21 +86,10 @@ def save_checkpoint(
         _write_run_files(tmp, scheduler, state, config_yaml, world_size=1)
         write_manifest(tmp)
         commit_dir(tmp, target)
-    except OSError as err:
-        raise _write_error(err, target) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(output_dir, keep_last)
     return target
-
-
-def _write_error(err: OSError, target: Path) -> TunelabError:
-    """A failed checkpoint write (full disk, read-only filesystem, ...) as a message naming the checkpoint."""
-    cause = (err.strerror or str(err)).lower()
-    where = f" ({err.filename})" if err.filename else ""
-    return TunelabError(f"{cause} while writing {target.parent.name}/{target.name}{where}; earlier checkpoints are "
-                        f"untouched and the half-written one was removed. Free space (or fix {target.parent}), "
-                        "then continue with --resume")
 
 
 def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str,
@@ -135,8 +106,6 @@ def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, 
             _write_run_files(tmp, scheduler, state, config_yaml, world_size=runtime.world_size)
             write_manifest(tmp)  # after the barrier: every rank's shards are in tmp
             commit_dir(tmp, target)
-    except OSError as err:
-        raise _write_error(err, target) from err
     finally:
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,12 +167,20 @@ def _prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a ``step-<N>`` checkpoint directory holds (any number of digits), else None."""
+    prefix, _, digits = path.name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: ordered by their step number, not by name, so
+    ``step-1000000`` comes after ``step-999999`` (names are zero-padded to 6 digits only)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    found = [p for p in root.glob("step-*") if checkpoint_step(p) is not None and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.config.schema import TrainConfig
@@ -40,7 +39,9 @@ from tunelab.training.distributed import Runtime, env_world_size, rank_micro_bat
 from tunelab.training.interrupt import RunInterrupted, StopSignals
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
+from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
+from tunelab.training.progress import training_progress
 from tunelab.training.resume import check_resumed_config
 
 Batch = dict[str, Any]
@@ -132,11 +133,12 @@ def fit(
     finishing = state.step >= num_steps  # resumed at the last step: the final files were never written
 
     def save() -> Path:
-        return save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
-                               runtime=runtime)
+        with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+            return save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                   runtime=runtime)
 
     stop = StopSignals()
-    with stop, compiled_layers(model, cfg.compile), _progress(quiet or not runtime.is_main) as progress:
+    with stop, compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         while state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
@@ -237,7 +239,7 @@ def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, d
     totals = runtime.sum_dicts({"loss": total_loss, "tokens": tokens, **sums})
     record = {"loss": round(totals.pop("loss"), 6), "grad_norm": round(grad_norm, 4),
               "tokens": int(totals.pop("tokens")), "units": normalizer}
-    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens")})
+    record.update({k: v for k, v in totals.items() if k not in ("nll_sum", "num_tokens", "num_correct")})
     return record
 
 
@@ -265,10 +267,3 @@ class _BatchStream:
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, self.plan.make_epoch(epoch)
         return self.batches[offset]
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet,
-    )

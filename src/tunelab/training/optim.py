@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -19,7 +20,8 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) over the trainable parameters.
 
-    Weight decay is not applied to biases, norm weights, embeddings or LoRA-free 1-D tensors.
+    Weight decay is applied only to the parameters :func:`no_decay_parameters` leaves out
+    (embeddings, normalisation weights, biases and other 1-D tensors are not decayed).
     Uses the fused CUDA kernel when every parameter is on a GPU.
 
     Raises:
@@ -28,8 +30,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     named = trainable_parameters(model)
     if not named:
         raise ValueError("no trainable parameters: check train.method and lora.target_modules")
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    skip = {id(p) for p in no_decay_parameters(model)}
+    decay = [p for _, p in named if id(p) not in skip]
+    no_decay = [p for _, p in named if id(p) in skip]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for _, p in named)
     return torch.optim.AdamW(
@@ -37,17 +40,57 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def is_norm_module(module: nn.Module) -> bool:
+    """True for a normalisation layer of any architecture: torch's norms, the classes transformers lists
+    in ``ALL_LAYERNORM_LAYERS``, and any class (or base class) whose name ends in ``Norm`` or
+    ``Norm<N>d`` (``LlamaRMSNorm``, ``GemmaRMSNorm``, ``T5LayerNorm``, ``Qwen2RMSNorm``, ...:
+    transformers defines one per model and lists few of them)."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from transformers import pytorch_utils
+
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, _NormBase,
+                  *getattr(pytorch_utils, "ALL_LAYERNORM_LAYERS", ()))
+    return isinstance(module, norm_types) or any(_NORM_NAME.search(cls.__name__) for cls in type(module).__mro__)
+
+
+_NORM_NAME = re.compile(r"Norm(\d+d)?$")
+
+
+def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that weight decay must skip, chosen by module type and shape, never by name.
+
+    * every parameter of an ``nn.Embedding`` (or of the model's input embeddings): GPT-2's
+      ``wte``/``wpe``, Llama's ``embed_tokens``; a tied LM head is the same tensor, so it is skipped too;
+    * every parameter of a normalisation module (:func:`is_norm_module`);
+    * every parameter with fewer than 2 dimensions (biases, norm gains, scalars).
+
+    Returns each such parameter once, in ``model.parameters()`` order (trainable or not).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skip: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        whole = isinstance(module, nn.Embedding) or module is embeddings or is_norm_module(module)
+        for param in module.parameters(recurse=False):
+            if whole or param.ndim < 2:
+                skip[id(param)] = param
+    return [p for p in model.parameters() if id(p) in skip]
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Learning-rate factor (0..1) for optimizer ``step`` (0-based), independent of accumulation.
 
-    Linear warmup from ``1/(warmup+1)`` to 1 over ``warmup_steps``, then cosine to 0, linear to 0
-    or constant over the remaining steps.
+    The PyTorch/transformers warmup convention, counted so that the first update already moves:
+    with ``warmup_steps = w`` the 1st optimizer step uses ``lr / w``, the k-th ``k · lr / w``, and
+    step ``w`` reaches the peak ``lr``. After the peak the factor decays over the remaining
+    ``total_steps - w`` steps: cosine or linear towards 0 (reached one step after the last), or
+    constant. ``w = 0`` starts at the peak.
     """
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
+        return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    peak = warmup_steps - 1 if warmup_steps > 0 else 0  # 0-based index of the step at the peak
+    progress = (step - peak) / max(1, total_steps - peak)
     progress = min(progress, 1.0)
     if schedule == "linear":
         return 1.0 - progress
@@ -55,7 +98,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR stepping once per optimizer step with :func:`lr_multiplier`."""
+    """LambdaLR stepping once per optimizer step with :func:`lr_multiplier`; warmup is
+    ``train.warmup_steps``, else ``int(train.warmup_ratio × total_steps)``."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule)

@@ -59,7 +59,7 @@ def test_raw_text_is_split_into_blocks_and_ends_with_eos(smollm2_tokenizer):
     stats = DataStats()
     blocks = Tokenizer(tok, 16, "truncate", "assistant")({"text": "lorem ipsum dolor sit amet " * 10}, stats)
     assert len(blocks) > 1 and all(len(b.input_ids) <= 16 for b in blocks)
-    assert blocks[-1].input_ids[-1] == tok.eos_token_id and stats.num_ending_with_eos == 1
+    assert blocks[-1].input_ids[-1] == tok.eos_token_id and stats.num_ending_with_end_of_turn == stats.num_replies == 1
 
 
 def test_prompt_completion_uses_chat_template(smollm2_tokenizer):

@@ -12,6 +12,7 @@ from tunelab.losses.advantages import (
     masked_mean,
     masked_var,
     masked_whiten,
+    masked_whiten_with_metrics,
     ppo_token_rewards,
 )
 
@@ -160,3 +161,68 @@ def test_an_uncentred_score_favours_short_replies_and_normalizing_removes_it() -
     m.update(raw)
     adv, _ = gae(ppo_token_rewards(m.normalize(raw), kl, mask, 0.1), values, mask, gamma=1.0, lam=0.9)
     assert torch.count_nonzero(adv) == 0
+
+
+# ------------------------------------------------- issue 14 item 10: masked whitening, < 2 valid values
+
+
+def test_masked_whiten_uses_valid_tokens_only_and_reports() -> None:
+    x = torch.tensor([[2.0, 4.0, 1e9], [6.0, float("nan"), -1e9]], dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    w, metrics = masked_whiten_with_metrics(x, mask, eps=0.0)
+    # valid 2, 4, 6: mean 4, unbiased var (4 + 0 + 4) / 2 = 4, std 2
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64))
+    assert metrics["whiten/num_valid"].item() == 3 and metrics["whiten/applied"].item() == 1.0
+    assert metrics["whiten/mean"].item() == pytest.approx(4.0) and metrics["whiten/std"].item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_fewer_than_two_valid_is_defined_and_says_so(shift_mean: bool) -> None:
+    """One valid value: no variance, so the values are centred (or kept), not scaled; no valid value: zeros.
+
+    Old code raised ValueError from masked_var in both cases (and had no metrics)."""
+    x = torch.tensor([[3.5, float("inf")], [-2.0, 7.0]], dtype=F64)
+    one = torch.tensor([[True, False], [False, False]])
+    w, metrics = masked_whiten_with_metrics(x, one, shift_mean=shift_mean)
+    kept = 0.0 if shift_mean else 3.5
+    torch.testing.assert_close(w, torch.tensor([[kept, 0.0], [0.0, 0.0]], dtype=F64))
+    assert metrics["whiten/num_valid"].item() == 1 and metrics["whiten/applied"].item() == 0.0
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    w0, metrics0 = masked_whiten_with_metrics(x, none, shift_mean=shift_mean)
+    assert torch.equal(w0, torch.zeros_like(x)) and metrics0["whiten/applied"].item() == 0.0
+    torch.testing.assert_close(masked_whiten(x, one, shift_mean=shift_mean), w)
+
+
+# ------------------------------------------------- issue 14 item 12: GRPO scaling and prompt ids
+
+
+def test_grpo_advantages_batch_scale_hand_value() -> None:
+    """scale_rewards='batch': group-centred rewards / std of all B rewards (TRL's scale_rewards='batch')."""
+    rewards = torch.tensor([1.0, 0.0, 3.0, 3.0], dtype=F64)
+    adv = grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]), scale_rewards="batch", eps=0.0)
+    # batch mean 7/4; squared deviations 9/16, 49/16, 25/16, 25/16 = 108/16; unbiased var 108/48 = 2.25
+    std = 1.5
+    torch.testing.assert_close(adv, torch.tensor([0.5 / std, -0.5 / std, 0.0, 0.0], dtype=F64))
+    group = grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]), scale_rewards="group", eps=0.0)
+    torch.testing.assert_close(group[:2], torch.tensor([1 / math.sqrt(2), -1 / math.sqrt(2)], dtype=F64))
+    none = grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]), scale_rewards="none")
+    torch.testing.assert_close(none, torch.tensor([0.5, -0.5, 0.0, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo_advantages(rewards, 2, scale_rewards="std")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_advantages_follow_prompt_ids_not_row_position(scale: str) -> None:
+    """Interleaved rows (prompt ids 7, 3, 7, 3, ...) give each row the advantage it has in the contiguous layout.
+
+    Old code grouped rows [0:G], [G:2G] by position, so interleaving mixed the prompts' rewards."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.rand(12, generator=gen, dtype=F64)
+    contiguous_ids = torch.tensor([7] * 4 + [3] * 4 + [11] * 4)
+    reference = grpo_advantages(rewards, contiguous_ids, scale_rewards=scale)
+    torch.testing.assert_close(reference, grpo_advantages(rewards, 4, scale_rewards=scale))
+    perm = torch.randperm(12, generator=gen)
+    shuffled = grpo_advantages(rewards[perm], contiguous_ids[perm], scale_rewards=scale)
+    torch.testing.assert_close(shuffled, reference[perm])
+    with pytest.raises(ValueError, match=r"prompt id\(s\) \[5\]"):
+        grpo_advantages(rewards[:3], torch.tensor([1, 1, 5]))

@@ -35,7 +35,7 @@ def test_k3_nonnegative_and_registry() -> None:
     g = torch.Generator().manual_seed(0)
     logps, ref = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     assert (kl_k3(logps, ref) >= 0).all()
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs"}
     assert KL_ESTIMATORS["k3"] is kl_k3
 
 
@@ -66,3 +66,13 @@ def test_fixed_controller() -> None:
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 1000)
     assert ctl.value == 0.05
+
+
+def test_abs_estimator_hand_value() -> None:
+    """Issue 14 item 11: 'abs' is |log p - log ref| (new; absent before)."""
+    from tunelab.losses.kl import kl_abs
+
+    logps = torch.tensor([[-1.0, -3.0, 0.5]], dtype=torch.float64)
+    ref = torch.tensor([[-2.5, -1.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(kl_abs(logps, ref), torch.tensor([[1.5, 2.0, 0.0]], dtype=torch.float64))
+    assert KL_ESTIMATORS["abs"] is kl_abs

@@ -118,3 +118,22 @@ def test_grpo_loss_clip_frac_and_errors() -> None:
         grpo_loss(logps, logps, torch.ones(1, dtype=F64), mask, beta=0.1)
     with pytest.raises(ValueError, match="normalization"):
         grpo_loss(logps, logps, torch.ones(1, dtype=F64), mask, normalization="bogus")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
+def test_grpo_loss_kl_estimator_in_loss_is_the_one_logged(estimator: str) -> None:
+    """Issue 14 item 11: the estimator named enters the loss AND is policy/kl (old code: always k3)."""
+    logps = torch.tensor([[0.0, -1.0, 7.0]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[math.log(2.0), -0.5, 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True, False]])  # the third token is padding (junk values)
+    # log r = ref - logp per real token: ln 2 and +0.5
+    lr = [math.log(2.0), 0.5]
+    hand = {"k1": [-x for x in lr], "k2": [0.5 * x * x for x in lr],
+            "k3": [math.exp(x) - x - 1 for x in lr], "abs": [abs(x) for x in lr]}[estimator]
+    expected = sum(hand) / 2
+    loss, metrics = grpo_loss(logps, logps.detach(), torch.zeros(1, dtype=F64), mask, ref_logps=ref, beta=0.2,
+                              kl_estimator=estimator)
+    assert metrics["policy/kl"].item() == pytest.approx(expected)
+    assert loss.item() == pytest.approx(0.2 * expected)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        grpo_loss(logps, logps.detach(), torch.zeros(1, dtype=F64), mask, ref_logps=ref, kl_estimator="k4")

@@ -17,6 +17,7 @@ from tunelab.losses.preference import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
+    kto_loss,
     orpo_loss,
     simpo_loss,
 )
@@ -246,4 +247,100 @@ def test_registry_names() -> None:
         "hinge": hinge_loss,
         "simpo": simpo_loss,
         "orpo": orpo_loss,
+        "kto": kto_loss,
     }
+
+
+# ------------------------------------------------- issue 14 item 9: ORPO near p = 1
+
+
+@pytest.mark.parametrize("m", [-1e-3, -1e-6, -1e-7, -1e-9, -1e-15, -1e-30])
+def test_orpo_log_odds_exact_near_probability_one(m: float) -> None:
+    """float32 log-odds (and their gradient) match float64 maths at the same input, as m -> 0.
+
+    Old code clamped m to -eps (1.19e-7 in float32), so m = -1e-9 gave log odds 15.9 instead of 20.7.
+    """
+    m32 = torch.tensor([m], dtype=torch.float32)
+    mf = float(m32)  # the float32 value, evaluated in float64 by hand: log odds = m - log(-expm1(m))
+    expected = mf - math.log(-math.expm1(mf))
+    pc = m32.clone().requires_grad_(True)
+    loss, metrics = orpo_loss(pc, t(-3.0), torch.tensor([1]), torch.tensor([1]), t(0.0), lam=1.0)
+    assert metrics["rewards/chosen"].item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d L / d m_w = -sigmoid(-z) * d lo_w / d m_w, with d lo / d m = 1 / (1 - e^m) = -1 / expm1(m)
+    lo_l = -3.0 - math.log1p(-math.exp(-3.0))
+    z = expected - lo_l
+    grad = -(1.0 / (1.0 + math.exp(z))) * (-1.0 / math.expm1(mf))
+    assert torch.isfinite(pc.grad).all()
+    assert pc.grad.item() == pytest.approx(grad, rel=1e-4, abs=1e-30)
+
+
+def test_orpo_gradients_finite_at_probability_one_on_either_side() -> None:
+    """m = 0 exactly (p = 1) and m = -tiny on the chosen or the rejected side: finite loss and gradients."""
+    for value in (0.0, -torch.finfo(torch.float32).tiny, -1e-30):
+        for side in ("chosen", "rejected"):
+            a, b = t(value, grad=True), t(-2.0, grad=True)
+            pc, pr = (a, b) if side == "chosen" else (b, a)
+            loss, _ = orpo_loss(pc, pr, torch.tensor([3]), torch.tensor([3]), t(0.5), lam=0.1)
+            loss.backward()
+            assert torch.isfinite(loss), (value, side)
+            assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all(), (value, side)
+
+
+def test_log1mexp_float32_matches_float64_near_zero() -> None:
+    x = torch.tensor([-1e-30, -1e-12, -1e-8, -1e-7, -0.5, -0.7, -5.0], dtype=torch.float32)
+    expected = torch.tensor([math.log(-math.expm1(v)) for v in x.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x).double(), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(log1mexp(torch.zeros(1)))  # p = 1 exactly: finite (-finfo.tiny)
+
+
+# ------------------------------------------------- issue 14 item 13: KTO
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_kto_value_gradient_and_metrics() -> None:
+    from tunelab.losses.preference import kto_loss
+
+    pl = t(-2.0, -3.0, -1.0, grad=True)
+    rl = t(-2.5, -2.0, -1.0)
+    desirable = torch.tensor([True, False, True])
+    pkl = t(-4.0, -6.0, 0.0, grad=True)
+    rkl = t(-5.0, -6.5, 9.0)
+    kl_mask = torch.tensor([True, True, False])  # row 2 has no mismatched partner: its junk KL is ignored
+    loss, metrics = kto_loss(pl, rl, desirable, pkl, rkl, kl_mask, beta=0.5, desirable_weight=1.0,
+                             undesirable_weight=2.0)
+    # z_ref = max(0, mean(1.0, 0.5)) = 0.75; rewards r = 0.5, -1, 0
+    z = 0.75
+    s0, s1, s2 = _sig(0.5 * (0.5 - z)), _sig(0.5 * (z + 1.0)), _sig(0.5 * (0.0 - z))
+    expected = ((1 - s0) + 2.0 * (1 - s1) + (1 - s2)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # dL/dp_0 = -(1/3) beta s0 (1 - s0); undesirable: dL/dp_1 = +(2/3) beta s1 (1 - s1)
+    assert pl.grad[0].item() == pytest.approx(-(1 / 3) * 0.5 * s0 * (1 - s0), rel=1e-5)
+    assert pl.grad[1].item() == pytest.approx((2 / 3) * 0.5 * s1 * (1 - s1), rel=1e-5)
+    assert pkl.grad is None or torch.count_nonzero(pkl.grad) == 0  # z_ref is a constant
+    assert metrics["kto/kl"].item() == pytest.approx(z)
+    assert metrics["kto/kl_pairs"].item() == 2
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.5 * (0.5 + 0.0) / 2)
+    assert metrics["rewards/rejected"].item() == pytest.approx(0.5 * -1.0)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.125 + 0.5)
+    assert metrics["kto/num_desirable"].item() == 2 and metrics["kto/num_undesirable"].item() == 1
+
+
+def test_kto_reference_point_clamped_at_zero_and_without_pairs() -> None:
+    from tunelab.losses.preference import kto_loss
+
+    # policy == reference: r = 0; a negative KL estimate clamps to 0, so every loss is 1 - sigma(0) = 0.5
+    loss, metrics = kto_loss(t(-1.0, -2.0), t(-1.0, -2.0), torch.tensor([True, False]), t(-3.0, -3.0), t(-1.0, -1.0))
+    assert loss.item() == pytest.approx(0.5) and metrics["kto/kl"].item() == 0.0
+    # batch of one: no mismatched pair -> z_ref = 0 and kto/kl_pairs = 0 (defined, finite)
+    loss1, metrics1 = kto_loss(t(-1.0), t(-2.0), torch.tensor([True]), t(-1.0), t(-2.0), torch.tensor([False]),
+                               beta=0.1)
+    assert loss1.item() == pytest.approx(1 - _sig(0.1 * 1.0)) and metrics1["kto/kl_pairs"].item() == 0
+    with pytest.raises(ValueError, match="desirable"):
+        kto_loss(t(-1.0), t(-2.0), torch.tensor([1]), t(-1.0), t(-2.0))
+    with pytest.raises(ValueError, match="weights"):
+        kto_loss(t(-1.0), t(-2.0), torch.tensor([True]), t(-1.0), t(-2.0), undesirable_weight=0.0)

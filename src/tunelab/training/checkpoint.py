@@ -62,9 +62,12 @@ class TrainState:
 
 def save_checkpoint(
     output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-    config_yaml: str, keep_last: int, *, runtime: Runtime | None = None,
+    config_yaml: str, keep_last: int, *, runtime: Runtime | None = None, extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``.
+
+    ``extra`` (one process only): more loop state to keep (the RL loops' sampling generator, KL
+    controller, score statistics), saved as ``extra.pt`` and read back by :func:`load_extra`.
 
     With a distributed ``runtime`` this is collective (every rank calls it) and writes the DCP
     layout; ``model`` is the unwrapped model (its parameters may be FSDP ``DTensor`` shards).
@@ -83,6 +86,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         _write_run_files(tmp, scheduler, state, config_yaml, world_size=1)
         write_manifest(tmp)
         commit_dir(tmp, target)
@@ -210,6 +215,11 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return _read_state(path)
+
+
+def load_extra(path: Path) -> dict:
+    """The ``extra`` loop state :func:`save_checkpoint` kept in checkpoint ``path`` (``{}`` if none)."""
+    return torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else {}
 
 
 def _load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> TrainState:

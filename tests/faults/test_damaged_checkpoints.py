@@ -88,3 +88,32 @@ def test_leftover_temporary_directories_are_removed_and_an_interrupted_replaceme
     assert chosen == root / "step-000004" and manifest_problems(chosen) == []
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
     assert "restored checkpoint step-000004" in capsys.readouterr().err
+
+
+def test_sharded_checkpoints_carry_a_manifest_of_every_shard_and_fall_back_when_one_is_cut(
+        uninterrupted, tmp_path, capsys):
+    """A DCP checkpoint (one-rank DDP group in a forked child): the manifest lists the .distcp shards,
+    .metadata and the per-rank RNG; a truncated shard makes --resume take the previous checkpoint, which
+    then resumes on one plain process to the uninterrupted run."""
+    from tests.faults.tiny import in_child
+    from tunelab.config.distributed import DistributedConfig
+    from tunelab.training.distributed import init_distributed
+
+    out = tmp_path / "run"
+
+    def sharded_run():
+        runtime = init_distributed(DistributedConfig(strategy="ddp"))
+        assert runtime.is_distributed
+        train_tiny(out, runtime=runtime)
+        runtime.close()
+
+    assert in_child(sharded_run) == 0
+    ckpt = out / "checkpoints" / "step-000006"
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    shards = [name for name in files if name.endswith(".distcp")]
+    assert shards and {".metadata", "rng-rank00000.pt", "state.json"} <= set(files)
+    assert manifest_problems(ckpt) == []
+    _damage(ckpt / shards[0], "truncate")
+    assert check_output_dir(out, resume=True, overwrite=False).name == "step-000004"
+    assert shards[0] in capsys.readouterr().err
+    assert_same_run(train_tiny(out, resume=True), uninterrupted)

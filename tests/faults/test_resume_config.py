@@ -57,8 +57,22 @@ def test_the_split_between_fixed_and_changeable_keys():
     new = "model: {name_or_path: b}\nlora: {r: 8, alpha: 8}\ndata: {max_seq_len: 128, train: {path: y}}\n" \
           "train: {lr: 0.2, eval_every: 5, batch_size: 2}\neval: {max_new_tokens: 16}\ntask: dpo\n"
     refused, allowed = config_changes(old, new)
-    assert [r.split(":")[0] for r in refused] == ["data.max_seq_len", "data.train.path", "lora.r",
-                                                  "model.name_or_path", "task"]
+    refused_keys = {r.split(":")[0] for r in refused}
+    assert {"data.max_seq_len", "data.train.path", "lora.r", "model.name_or_path", "task"} <= refused_keys
+    assert all(k.startswith("preference") for k in refused_keys - {"data.max_seq_len", "data.train.path",
+                                                                    "lora.r", "model.name_or_path", "task"})
     assert [a.split(":")[0] for a in allowed] == ["eval.max_new_tokens", "train.eval_every", "train.lr"]
     assert may_change("distributed.strategy") and not may_change("train.lr_typo") and not may_change("rl.beta")
     assert config_changes("cfg", new) == ([], [])
+
+
+def test_a_key_added_to_the_schema_after_the_checkpoint_is_not_a_change():
+    """A checkpoint's config.yaml from before a key existed lacks it: its default is what that run used."""
+    from tunelab.config.load import dump_config, validate_config
+
+    raw = {"model": {"name_or_path": "a"}, "data": {"train": {"path": "x.jsonl"}}}
+    full = dump_config(validate_config(raw))
+    old = full.replace("  keep_last: 2\n", "")  # as if train.keep_last had not existed yet
+    assert old != full
+    assert config_changes(old, full) == ([], [])
+    assert config_changes(old, full.replace("keep_last: 2", "keep_last: 3")) == ([], ["train.keep_last: 2 -> 3"])

@@ -36,7 +36,7 @@ def tiny_config(out: Path, **train: Any) -> Config:
 
 def train_tiny(out: Path, *, resume: bool = False, overwrite: bool = False,
                on_micro_batch: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
-               **train: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
+               runtime: Any = None, **train: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train (or ``--resume``) the tiny run in ``out``; returns every logged loss and the final trainable weights.
 
     ``on_micro_batch(i)`` runs before the loss of the i-th micro-batch this call computes (1-based).
@@ -57,7 +57,7 @@ def train_tiny(out: Path, *, resume: bool = False, overwrite: bool = False,
         return lm_loss(m, b, n)
 
     result = fit(model, plan, loss_fn, lambda b: b["num_supervised"], tc, out, dump_config(config),
-                 evaluate=evaluate, resume_from=resume_from, quiet=True)
+                 evaluate=evaluate, resume_from=resume_from, quiet=True, runtime=runtime)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return [r["loss"] for r in result.history if "loss" in r], weights
 

@@ -125,6 +125,20 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def _resolved(text: str) -> Any:
+    """The config text with today's defaults filled in, so a key added to the schema after a checkpoint
+    was written does not count as changed; the text as it is when it no longer validates."""
+    from tunelab.config.load import dump_config, validate_config
+
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        return raw
+    try:
+        return yaml.safe_load(dump_config(validate_config(raw)))
+    except (TunelabError, ValueError):
+        return raw
+
+
 def may_change(key: str) -> bool:
     """True when a resumed run may give config key ``key`` (dotted) another value."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
@@ -134,7 +148,7 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
     """``(refused, allowed)``: the differences ``KEY: OLD -> NEW`` between a checkpoint's resolved config
     and the resumed run's, split by :func:`may_change`. Both empty when either text is not a mapping
     (nothing to compare)."""
-    old, new = yaml.safe_load(old_yaml), yaml.safe_load(new_yaml)
+    old, new = _resolved(old_yaml), _resolved(new_yaml)
     if not isinstance(old, dict) or not isinstance(new, dict):
         return [], []
     old_flat, new_flat = _flatten(old), _flatten(new)

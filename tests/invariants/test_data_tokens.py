@@ -232,6 +232,17 @@ def test_a_file_whose_every_reply_is_empty_is_an_error_naming_it(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": ""}) + "\n" for i in range(3)))
     with pytest.raises(DataError, match=r"empty_replies\.jsonl.*empty completion"):
         prepare_data(DataConfig(train=DataSource(path=str(path))), byte_bpe_tokenizer(template=None), 0)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
+    with pytest.raises(DataError, match=r"empty_replies\.jsonl: no held-out"):  # a validation file too
+        prepare_data(DataConfig(train=DataSource(path=str(good)), validation=DataSource(path=str(path))),
+                     byte_bpe_tokenizer(template=None), 0)
+    from tunelab.data.preference import prepare_pairs
+
+    pairs = tmp_path / "empty_pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": " ", "rejected": "No"}) + "\n")
+    with pytest.raises(DataError, match=r"empty_pairs\.jsonl.*empty chosen reply"):
+        prepare_pairs(DataConfig(train=DataSource(path=str(pairs))), byte_bpe_tokenizer(), 0)
 
 
 def test_directories_are_refused_and_a_utf8_bom_is_accepted(tmp_path):
@@ -246,3 +257,14 @@ def test_directories_are_refused_and_a_utf8_bom_is_accepted(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
     for name in ("bom.jsonl", "bom.json"):
         assert load_records(DataSource(path=str(tmp_path / name))) == [record]
+
+
+def test_a_template_installed_on_a_bos_tokenizer_keeps_one_bos():
+    from tunelab.data.templates import resolve_chat_template
+
+    tok = byte_bpe_tokenizer(None, adds_bos=True)  # pre-trained with BOS; the installed template writes none
+    resolve_chat_template(tok, LLAMA3_LIKE_NO_BOS)
+    [example] = tokenize(tok, {"messages": TWO_TURNS[:2]})
+    served = encode_prompts(tok, [TWO_TURNS[:1]])["input_ids"][0].tolist()
+    assert example.input_ids[0] == served[0] == tok.bos_token_id
+    assert example.input_ids[1] != tok.bos_token_id and served == example.input_ids[:len(served)]

@@ -8,6 +8,7 @@ import torch
 from tunelab.adapters.lora import disabled, inject_lora, lora_layers, merge_lora
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tests.conftest import make_tiny_llama
+from tunelab.errors import ConfigError
 
 IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 2], [1, 40, 41, 42, 43, 44, 45, 2]])
 
@@ -48,7 +49,7 @@ def test_merged_equals_unmerged_and_disabled_equals_base():
 
 
 def test_target_module_that_matches_nothing_is_an_error():
-    with pytest.raises(ValueError, match="matches no linear layer"):
+    with pytest.raises(ConfigError, match="matches no linear layer.*q_proj"):
         inject_lora(make_tiny_llama(), ["qkv"], r=4, alpha=8)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.errors import ConfigError
+
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update.
@@ -88,24 +90,32 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
     Args:
         target_modules: ``"all-linear"`` (every linear layer except the output head, as in PEFT),
             or name suffixes (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), or regexes
-            prefixed with ``re:`` matched against the full name.
+            prefixed with ``re:`` matched against the full name. The output head is adapted only when
+            named (``lm_head``); see :func:`merge_lora` for a head tied to the input embeddings.
         exclude: module names (and their children) never adapted, e.g. a head in ``modules_to_save``.
 
     Raises:
-        ValueError: nothing matches.
+        ConfigError: nothing matches (the message lists the model's linear-module names).
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is output or isinstance(module, LoRALinear):
+        if not isinstance(module, nn.Linear) or (module is output and target_modules == "all-linear"):
             continue
         if ".lora_A" in name or ".lora_B" in name or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         if target_modules == "all-linear" or any(_matches(name, t) for t in target_modules):
             names.append(name)
     if not names:
-        raise ValueError(f"lora.target_modules={target_modules!r} matches no linear layer of the model")
+        raise ConfigError(f"lora.target_modules={target_modules!r} matches no linear layer of the model; its "
+                          f"linear-module names are {linear_module_names(model)}")
     return names
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the model's ``nn.Linear`` modules (``q_proj``, ``lm_head`` …), sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and ".lora_" not in name and not name.endswith("base_layer")})
 
 
 def inject_lora(
@@ -134,14 +144,31 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
-    """Merge every adapter into its base weight; with ``unload`` put the plain linears back."""
+    """Merge every adapter into its base weight; with ``unload`` put the plain linears back.
+
+    An adapted output head whose weight is tied to the input embeddings is untied first (its own
+    copy of the weight, ``config.tie_word_embeddings = False``), so the merge changes the head and
+    not the embeddings, and the saved model reloads exactly.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, layer in list(lora_layers(model)):
+        if embeddings is not None and layer.base_layer.weight is embeddings.weight:
+            layer.base_layer.weight = nn.Parameter(embeddings.weight.detach().clone(),
+                                                   requires_grad=embeddings.weight.requires_grad)
+            _untie_config(model)
         layer.merge()
         if unload:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, layer.base_layer)
     return model
+
+
+def _untie_config(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    for part in (config, getattr(config, "get_text_config", lambda: None)()):
+        if part is not None and hasattr(part, "tie_word_embeddings"):
+            part.tie_word_embeddings = False
 
 
 @contextmanager

@@ -9,6 +9,10 @@ name ``default`` from saved keys) and, for trained extra modules (e.g. a classif
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab.adapters.integrity import (
+    check_adapter_state, check_loaded_keys, check_savable, module_rank_alpha, rank_alpha_patterns,
+)
 from tunelab.adapters.lora import LoRALinear, inject_lora, lora_layers
 from tunelab.errors import ModelLoadError
 
@@ -32,27 +39,44 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] = ()) -> dic
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
     for module_name in modules_to_save:
         for pname, param in model.get_submodule(module_name).named_parameters():
-            state[f"{PREFIX}{module_name}.{pname}"] = param.detach().contiguous()
+            state[f"{PREFIX}{module_name}.{pname}"] = param.detach().clone()  # a tied head shares its weight
     return state
 
 
 def save_adapter(
     model: nn.Module, directory: str | Path, *, base_model_name_or_path: str, task_type: str = "CAUSAL_LM",
-    modules_to_save: list[str] = (),
+    modules_to_save: list[str] = (), extra_config: dict[str, Any] | None = None,
 ) -> None:
-    """Write the adapter in PEFT layout into ``directory`` (created if needed)."""
+    """Write the adapter in PEFT layout into ``directory`` (created if needed), config and weights together.
+
+    Both files are written into a temporary sibling directory first. A new or empty ``directory`` is
+    then replaced by it in one rename; into a directory holding other files the old
+    ``adapter_config.json`` is removed first, the weights moved in, the config last, so a crash leaves
+    no config beside weights it does not describe. Modules whose rank or alpha differ from the most
+    common one are written as PEFT ``rank_pattern`` / ``alpha_pattern`` entries.
+
+    Args:
+        extra_config: more ``adapter_config.json`` keys (e.g. PEFT's ``trainable_token_indices``).
+
+    Raises:
+        ValueError: the model has no LoRA layers, or a tensor is sharded, empty or wrongly shaped
+            (:func:`tunelab.adapters.integrity.check_savable`).
+    """
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to save")
+    state = adapter_state_dict(model, modules_to_save)
+    check_savable({k[len(PREFIX):]: v for k, v in state.items()}, layers)
     first = next(iter(layers.values()))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    r, alpha, rank_pattern, alpha_pattern = rank_alpha_patterns(layers)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": first.alpha,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
@@ -61,9 +85,25 @@ def save_adapter(
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
+        **(extra_config or {}),
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    save_file(adapter_state_dict(model, modules_to_save), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_together(Path(directory), config, state)
+
+
+def _write_together(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+            os.replace(tmp, directory)
+            return
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+        os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -82,38 +122,29 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Inject LoRA layers as described by a PEFT adapter directory and load its weights.
+    """Inject LoRA layers as described by a PEFT adapter directory and load its weights, all or nothing.
 
-    Works for adapters written by tunelab or by PEFT. Returns the adapter config.
+    Works for adapters written by tunelab or by PEFT, including per-module ranks and alphas
+    (``rank_pattern`` / ``alpha_pattern``). Returns the adapter config.
 
     Raises:
-        ModelLoadError: unsupported options (per-layer ranks, DoRA, bias training) or keys that
-            do not match the model.
+        ModelLoadError: unsupported options (DoRA, bias training), or an adapter that is partial or does
+            not fit the model ("k of N adapter tensors matched", :mod:`tunelab.adapters.integrity`);
+            then the model is left as it was.
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    for option in ("rank_pattern", "alpha_pattern"):
-        if config.get(option):
-            raise ModelLoadError(f"{directory}: adapter uses {option}, which tunelab does not support yet")
     if config.get("use_dora"):
         raise ModelLoadError(f"{directory}: DoRA adapters are not supported yet")
-    state = load_file(str(directory / WEIGHTS_NAME))
-    lora_modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
-    inject_lora(
-        model, [f"re:{name.replace('.', '[.]')}" for name in lora_modules], r=config["r"],
-        alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0) or 0.0,
-        use_rslora=config.get("use_rslora", False),
-    )
-    own = {}
-    for key, value in state.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        for module_name in config.get("modules_to_save") or []:
-            name = name.replace(f"{module_name}.modules_to_save.default.", f"{module_name}.")
-        own[name] = value
-    missing = [k for k in own if k not in dict(model.named_parameters())]
-    if missing:
-        raise ModelLoadError(f"{directory}: adapter weights do not match the model, e.g. {missing[:3]}")
+    own = _own_names(load_file(str(directory / WEIGHTS_NAME)), config)
+    modules = check_adapter_state(model, config, own, str(directory))
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name in modules:
+        groups.setdefault(module_rank_alpha(config, name), []).append(name)
+    for (r, alpha), names in groups.items():
+        inject_lora(model, [f"re:{re.escape(name)}" for name in names], r=r, alpha=alpha,
+                    dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=config.get("use_rslora", False))
+    check_loaded_keys(model, own, str(directory))
     model.load_state_dict(own, strict=False)
     for module_name in config.get("modules_to_save") or []:
         model.get_submodule(_resolve_saved_module(model, module_name)).requires_grad_(True)
@@ -121,6 +152,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
     return config
+
+
+def _own_names(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """PEFT key names → tunelab's (prefix, adapter name ``default`` and ``modules_to_save`` wrapper dropped)."""
+    own = {}
+    for key, value in state.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = re.sub(r"\.(lora_[A-Za-z_]+)\.default\.", r".\1.", name)
+        name = re.sub(r"\.(lora_[A-Za-z_]+)\.default$", r".\1", name)
+        name = re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", name)  # DoRA: a parameter
+        for module_name in config.get("modules_to_save") or []:
+            name = name.replace(f"{module_name}.modules_to_save.default.", f"{module_name}.")
+        own[name] = value
+    return own
 
 
 def _resolve_saved_module(model: nn.Module, module_name: str) -> str:

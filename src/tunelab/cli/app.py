@@ -45,7 +45,10 @@ def train(
     from tunelab.config.load import load_config
     from tunelab.recipes import get_recipe
 
+    from tunelab.training.outputs import refuse_if_locked
+
     cfg = load_config(config, overrides or [])
+    refuse_if_locked(Path(cfg.output_dir), "train")  # at once; the recipe takes the lock itself (training/outputs/)
     get_recipe(cfg.task)(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, console=console)
 
 
@@ -97,7 +100,8 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model directory."""
     from tunelab.adapters.lora import merge_lora
-    from tunelab.models.run import load_run
+    from tunelab.models.run import load_run, log_stop_ids
+    from tunelab.models.stop_config import apply_stop_ids
     from tunelab.training.outputs import atomic_output_dir, check_out_dir
 
     check_out_dir(out, overwrite=overwrite, inputs=[run_dir])
@@ -105,10 +109,13 @@ def merge(
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)
+    stop_ids = apply_stop_ids(model, tokenizer) if info.get("task_type", "CAUSAL_LM") == "CAUSAL_LM" else []
     check_out_dir(out, overwrite=overwrite, inputs=[run_dir])  # again: a run may have taken it meanwhile
     with atomic_output_dir(out, "merged") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    if stop_ids:
+        log_stop_ids(console, out, tokenizer, stop_ids)
     console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 

@@ -46,6 +46,12 @@ class ModelConfig(StrictModel):
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, "
         "or an inline Jinja template. Default: the tokenizer's own template.",
     )
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the vocabulary as special tokens (e.g. ['<tool_call>', '</tool_call>'], task "
+        "sft). The embeddings grow by one row each, initialised to the mean of the existing rows, and are "
+        "trained; with LoRA the embedding and output head are saved in full as PEFT modules_to_save.",
+    )
 
 
 class DataSource(StrictModel):
@@ -100,6 +106,10 @@ class DataConfig(StrictModel):
         "restarting per example so none attends across a boundary (no padding).",
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_validation_examples: int | None = Field(
+        None, ge=1, description="task=dpo (all losses, kto included) and reward: use only the first N records of "
+        "data.validation (null = all).",
+    )
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
 
     @field_validator("system_prompt", mode="before")
@@ -231,6 +241,9 @@ class Config(StrictModel):
         if self.train.compile and self.task in ("ppo", "grpo"):
             raise ValueError(f"train.compile applies to the training loop of task sft, classification, reward and dpo; "
                              f"task={self.task} has its own rollout loop and does not compile (set train.compile=false)")
+        if self.model.add_special_tokens and self.task != "sft":
+            raise ValueError(f"model.add_special_tokens is supported for task=sft; task={self.task} would train "
+                             "without the new tokens' embeddings (remove the key or use task sft)")
         if self.train.label_smoothing and self.task != "sft":
             raise ValueError(f"train.label_smoothing applies to the next-token loss of task=sft, not task={self.task} "
                              "(task=dpo has preference.label_smoothing)")
@@ -249,5 +262,9 @@ class Config(StrictModel):
         if self.preference is None:
             self.preference = PreferenceConfig()
         self.preference.check_against(self.task, self.train.method)
+        if self.task == "dpo" and self.preference.loss == "kto" and self.data.packing \
+                and "packing" in self.data.model_fields_set:
+            raise ValueError("preference.loss=kto batches each example with a mismatched completion and never "
+                             "packs; remove data.packing or set it to false")
         if self.data.format != "auto":
             raise ValueError("task=reward/dpo reads prompt/chosen/rejected records; leave data.format at 'auto'")

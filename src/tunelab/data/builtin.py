@@ -28,6 +28,7 @@ BUILTINS: dict[str, str] = {
     "arithmetic": "tunelab.data.builtin_arith:load_arithmetic",
     "drugreview-pairs": "tunelab.data.builtin_drugreview_pairs:load_drugreview_pairs",
     "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
+    "qa-feedback": "tunelab.data.builtin_qa_feedback:load_qa_feedback",
 }
 VALIDATION_PERCENT = 15
 

@@ -45,8 +45,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     The held-out split is ``cfg.validation`` if set, else a seeded ``val_fraction`` of train.
 
     Raises:
-        DataError: bad records (see :mod:`tunelab.data.formats`), or no training example left
-            after filtering (the message gives the drop counts).
+        DataError: bad records (see :mod:`tunelab.data.formats`), or no training example (or, from
+            a ``cfg.validation`` file, no held-out example) left after filtering; the message names
+            the file and gives the drop counts.
     """
     train_examples, fmt = load_canonical(cfg.train, cfg, cfg.max_examples)
     if cfg.validation is not None:
@@ -69,6 +70,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
             f"(dropped: {dict(train_stats.dropped) or 'none'}); check data.max_seq_len, data.overlong "
             "and data.supervise"
         )
+    if cfg.validation is not None and not validation:
+        raise DataError(f"{cfg.validation.path}: no held-out example left after filtering {val_stats.num_records} "
+                        f"records (dropped: {dict(val_stats.dropped) or 'none'})")
     return PreparedData(train, validation, train_stats, val_stats, val_examples, fmt)
 
 

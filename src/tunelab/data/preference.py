@@ -295,7 +295,8 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int, margin_field: str 
     """
     train = load_preference_examples(cfg.train, cfg, margin_field, default_margin, cfg.max_examples)
     if cfg.validation is not None:
-        held = load_preference_examples(cfg.validation, cfg, margin_field, default_margin)
+        held = load_preference_examples(cfg.validation, cfg, margin_field, default_margin,
+                                        cfg.max_validation_examples)
     elif cfg.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -310,6 +311,9 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int, margin_field: str 
     if not train_pairs:
         raise DataError(f"{cfg.train.path}: no training pair left of {train_stats.num_records} records "
                         f"(dropped: {dict(train_stats.dropped) or 'none'})")
+    if cfg.validation is not None and not held_pairs:
+        raise DataError(f"{cfg.validation.path}: no held-out pair left of {held_stats.num_records} records "
+                        f"(dropped: {dict(held_stats.dropped) or 'none'})")
     return PreparedPairs(train_pairs, held_pairs, train_stats, held_stats, held)
 
 

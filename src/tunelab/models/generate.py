@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tunelab.data.encoding import prompt_ids
+from tunelab.data.stop_tokens import stop_token_ids
 
 
 def encode_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
@@ -32,7 +33,8 @@ def generate_replies(
 ) -> list[str]:
     """The assistant's next reply to each conversation (greedy by default), as text.
 
-    Stops at the tokenizer's EOS (the end-of-turn token for chat models) or ``max_new_tokens``.
+    Stops at EOS or the chat template's end-of-turn token(s) (:func:`tunelab.data.stop_tokens.stop_token_ids`,
+    the ids training supervises at the end of each reply), or after ``max_new_tokens``.
     """
     was_training = model.training
     model.eval()
@@ -43,10 +45,17 @@ def generate_replies(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    stop_ids = stop_token_ids(tokenizer)
     out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        **batch, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **kwargs,
     )
     model.train(was_training)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [tokenizer.decode(_until_stop(row, stop_ids), skip_special_tokens=True).strip() for row in new]
+
+
+def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The tokens before the first stop token (the stop token and the padding after it dropped)."""
+    stops = [i for i, token in enumerate(ids) if token in stop_ids]
+    return ids[:stops[0]] if stops else ids

@@ -21,5 +21,15 @@ RECIPES: dict[str, str] = {
 
 
 def get_recipe(task: str) -> Callable[..., dict[str, Any]]:
-    """The ``train`` function of the recipe for ``task``."""
-    return importlib.import_module(RECIPES[task]).train
+    """The ``train`` function of the recipe for ``task``, preceded by the checks that need no data or
+    weights (:func:`tunelab.recipes.preflight.check_before_loading`), so a bad ``lora.target_modules``
+    fails in seconds instead of after data and model loading."""
+    from tunelab.recipes.preflight import check_before_loading
+
+    train = importlib.import_module(RECIPES[task]).train
+
+    def checked_train(config: Any, **kwargs: Any) -> dict[str, Any]:
+        check_before_loading(config)
+        return train(config, **kwargs)
+
+    return checked_train

@@ -51,7 +51,7 @@ from tunelab.training.outputs import holds_run_lock
 HEAD_NAMES = ("score", "classifier")
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a classifier as configured; returns the results also stored in ``tunelab.json``."""

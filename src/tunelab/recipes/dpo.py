@@ -1,5 +1,6 @@
 """Direct preference optimization and its family: DPO, IPO, hinge (reference-based), SimPO, ORPO
-(reference-free), on a base model or on a finished SFT run.
+(reference-free), on a base model or on a finished SFT run; ``preference.loss: kto`` (unpaired data)
+runs :mod:`tunelab.recipes.kto`.
 
 pairs → ``[chosen; rejected]`` batch (padded or packed) → ONE policy forward → summed reply
 log-probs per side → reference log-probs (adapters off / frozen copy / precomputed, eval mode)
@@ -53,10 +54,15 @@ from tunelab.training.precision import autocast, pick_device
 from tunelab.training.outputs import holds_run_lock
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
-    """Run DPO (or IPO/hinge/SimPO/ORPO) as configured; returns the results stored in ``tunelab.json``."""
+    """Run DPO (or IPO/hinge/SimPO/ORPO; KTO in :mod:`tunelab.recipes.kto`) as configured; returns the results
+    stored in ``tunelab.json``."""
+    if config.preference.loss == "kto":
+        from tunelab.recipes.kto import train as train_kto
+
+        return train_kto(config, resume=resume, overwrite=overwrite, console=console)
     console = console or Console()
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data
@@ -222,9 +228,15 @@ def evaluate_preference(model: nn.Module, batches: list[Batch], reference: Refer
                                       ref.chosen, ref.rejected)):
             sides[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
     s = {k: torch.cat(v) for k, v in sides.items()}
-    policy = PairLogps(s["pc"], s["pr"], s["nc"], s["nr"])
-    loss, metrics = preference_loss(pc, policy, PairLogps(s["rc"], s["rr"], s["nc"], s["nr"]))
+    return pair_metrics(pc, PairLogps(s["pc"], s["pr"], s["nc"], s["nr"]), PairLogps(s["rc"], s["rr"], s["nc"], s["nr"]))
+
+
+def pair_metrics(pc: PreferenceConfig, policy: PairLogps, reference: PairLogps) -> dict[str, float]:
+    """Held-out pair metrics from gathered log-probs: the configured loss and its metrics, plus the policy's
+    own preference accuracy (with a 95% Wilson interval) and margin, per sequence and per reply token."""
+    loss, metrics = preference_loss(pc, policy, reference)
     out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+    s = {"pc": policy.chosen, "pr": policy.rejected, "nc": policy.chosen_tokens, "nr": policy.rejected_tokens}
     diff, diff_tok = s["pc"] - s["pr"], s["pc"] / s["nc"].clamp(min=1) - s["pr"] / s["nr"].clamp(min=1)
     wins = int((diff > 0).sum())
     low, high = wilson_interval(wins, diff.numel())

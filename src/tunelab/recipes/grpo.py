@@ -41,7 +41,7 @@ from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.outputs import holds_run_lock
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run GRPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""

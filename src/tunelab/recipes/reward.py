@@ -47,7 +47,7 @@ from tunelab.training.outputs import holds_run_lock
 HEAD_NAMES = ("score", "classifier", "pre_classifier")
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a Bradley-Terry reward model as configured; returns the results stored in ``tunelab.json``."""

@@ -26,6 +26,7 @@ from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
+from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
     before_training, check_output_dir, configure_attention_backends, count_parameters,
     seed_everything, setup_trainable, weights_dtype,
@@ -36,7 +37,7 @@ from tunelab.training.distributed import init_distributed
 from tunelab.training.outputs import holds_run_lock
 
 
-@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs.py)
+@holds_run_lock  # checks and locks output_dir for the whole run (training/outputs/)
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""
@@ -53,6 +54,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
                                revision=config.model.revision)
     resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
+    added = add_special_tokens(tokenizer, config.model.add_special_tokens)
     data = prepare_data(config.data, tokenizer, config.train.seed)
     console.print(f"[bold]data[/] format={data.format} train={data.train_stats.summary()}")
     if data.validation:
@@ -62,6 +64,9 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                        allow_pickle=config.model.allow_pickle, revision=config.model.revision,
                        attn_implementation=config.model.attn_implementation,
                        dtype=weights_dtype(config, device)).to(device)
+    vocab_modules = resize_for_tokenizer(model, tokenizer, added)
+    if added:
+        console.print(f"[bold]tokens[/] added {added}; embeddings resized to {len(tokenizer)} rows (mean-initialised)")
     tc = config.train
     flatten_rows = model.config._attn_implementation in VARLEN_ATTENTION  # one row per micro-batch, no padding
     eval_batches = sft_batch_plan(data.validation, batch_size=config.eval.batch_size,
@@ -81,7 +86,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     if before:
         console.print(f"[bold]before[/] held-out loss {before['loss']:.4f}  ppl {before['ppl']:.2f}")
 
-    setup_trainable(model, config)
+    setup_trainable(model, config, modules_to_save=vocab_modules)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
                   f"({tc.method}), device {device}")
@@ -107,7 +112,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     with runtime.full_weights():
         if runtime.is_main:
             save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=config_yaml, results=results)
+                     config_yaml=config_yaml, results=results,
+                     modules_to_save=vocab_modules if tc.method == "lora" else [])
     if runtime.is_main:
         plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")
     _report(console, results, output_dir)

@@ -2,7 +2,7 @@
 
 Shapes: B rows, P prompt columns (left-padded: padding first, so every prompt ends at column
 P - 1), C completion columns (right-padded: real tokens, then ``pad_id``). A completion ends at
-its first stop token (EOS or the chat template's end-of-turn token), which is kept and counts as
+its first stop token (EOS or the chat template's end-of-turn token, :mod:`tunelab.data.stop_tokens`), which is kept and counts as
 a completion token, so the policy is also trained on when to stop.
 
 Why our own loop and not ``model.generate``: the sampling distribution must be exactly
@@ -21,7 +21,6 @@ from torch import nn
 
 from tunelab.models.heads import position_ids_from_mask
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -37,14 +36,6 @@ class Completions:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     truncated: torch.Tensor
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """EOS plus the end-of-turn tokens of common chat templates that exist in this vocabulary."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
 
 
 def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +74,7 @@ def sample_completions(
         model: a transformers causal LM; run in eval mode (dropout off) and restored after.
         prompt_ids: (B, P) long, left-padded.
         prompt_mask: (B, P) bool, True on real prompt tokens; the last column must be real.
-        stop_ids: token ids that end a completion (see :func:`stop_token_ids`).
+        stop_ids: token ids that end a completion (see :func:`tunelab.data.stop_tokens.stop_token_ids`).
         pad_id: id written after a row has stopped.
         greedy: argmax decoding (then ``temperature``/``top_p`` are ignored).
         generator: torch RNG for sampling (default: the global one).

@@ -13,9 +13,9 @@ from rich.console import Console
 from torch import nn
 
 from tunelab.config.schema import Config
+from tunelab.data.stop_tokens import stop_token_ids
 from tunelab.data.templates import resolve_chat_template
 from tunelab.models.loading import load_model, load_tokenizer
-from tunelab.rollout.generate import stop_token_ids
 from tunelab.rollout.prompts import Prompt, PromptSet, load_prompts
 from tunelab.rollout.rewards import RewardTerm, build_reward_terms
 

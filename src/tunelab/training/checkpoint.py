@@ -241,6 +241,11 @@ def _load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> TrainSt
     return _read_state(path)
 
 
+def saved_world_size(path: Path) -> int:
+    """How many processes wrote the checkpoint at ``path`` (``state.json``; 1 in older checkpoints)."""
+    return int(json.loads((path / "state.json").read_text()).get("world_size", 1))
+
+
 def _read_state(path: Path) -> TrainState:
     data = json.loads((path / "state.json").read_text())
     return TrainState(step=data["step"], micro_batches=data["micro_batches"],

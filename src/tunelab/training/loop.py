@@ -32,7 +32,7 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import (
-    TrainState, clear_checkpoints, load_checkpoint, run_finished, save_checkpoint,
+    TrainState, clear_checkpoints, load_checkpoint, run_finished, save_checkpoint, saved_world_size,
 )
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
@@ -94,10 +94,11 @@ def fit(
 
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
-            checkpoint does not fit the model or the batch size, or its config differs in keys that
-            cannot change (:func:`tunelab.training.resume.check_resumed_config`); the resumed run is
-            already finished (its final files are there); ``cfg.compile`` and ``torch.compile``
-            failed (the message names ``train.compile``).
+            checkpoint does not fit the model or the batch size, or took another ``world_size × grad_accum``
+            (:func:`check_same_step_size`), or its config differs in keys that cannot change
+            (:func:`tunelab.training.resume.check_resumed_config`); the resumed run is already
+            finished (its final files are there); ``cfg.compile`` and ``torch.compile`` failed (the
+            message names ``train.compile``).
         RunInterrupted: SIGTERM/SIGINT arrived (:mod:`tunelab.training.interrupt`); the step in
             progress was finished and checkpointed. A run resumed at its last step (stopped after
             its final checkpoint) does not train: it evaluates if that was not logged and returns,
@@ -196,19 +197,39 @@ def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: 
     if state.micro_batch_size is not None and state.micro_batch_size != cfg.batch_size:
         raise TunelabError(f"checkpoint {path} was trained with train.batch_size={state.micro_batch_size}; "
                            f"resume with the same batch size (got {cfg.batch_size})")
-    per_step = cfg.grad_accum * runtime.world_size
-    if state.micro_batches_per_step not in (None, per_step) and runtime.is_main:
-        old = state.micro_batches_per_step
-        print(f"warning: the checkpoint took {old} micro-batches per step, this run takes {per_step} "
-              f"({runtime.world_size} ranks × grad_accum {cfg.grad_accum}); set train.grad_accum="
-              f"{old / runtime.world_size:g} to keep the same global batch")
-    state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, per_step
+    check_same_step_size(path, state, cfg.grad_accum, runtime.world_size)
+    state.micro_batch_size, state.micro_batches_per_step = cfg.batch_size, cfg.grad_accum * runtime.world_size
     # The optimizer's restored rates follow the checkpointed run's schedule; when this run has another
     # length (a finished run resumed with a larger train.max_steps), they would hold for one step (e.g.
     # 0 at the end of a decay). Set them from this run's schedule at the resumed step.
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     return state
+
+
+def check_same_step_size(path: Path, state: TrainState, grad_accum: int, world_size: int) -> None:
+    """A resumed run must take as many micro-batches per optimizer step as the checkpointed one.
+
+    The data position is counted in micro-batches and the LR schedule in steps: with another
+    ``world_size × grad_accum`` the remaining steps, the schedule and what one epoch is would all
+    change silently. The same product on another number of processes (2 ranks × 4 → 1 × 8) resumes
+    exactly (ranks take disjoint round-robin shares of the same micro-batches).
+
+    Raises:
+        TunelabError: the products differ; names both and the ``train.grad_accum`` that would match.
+    """
+    saved = state.micro_batches_per_step
+    per_step = grad_accum * world_size
+    if saved is None or saved == per_step:  # None: a checkpoint from before the count was recorded
+        return
+    saved_world = saved_world_size(path)
+    fix = (f"set train.grad_accum={saved // world_size} to resume exactly on {world_size} process(es)"
+           if saved % world_size == 0 else f"resume on a number of processes that divides {saved}")
+    raise TunelabError(
+        f"--resume: checkpoint {path} took world_size × grad_accum = {saved_world} × {saved // saved_world} = "
+        f"{saved} micro-batches per optimizer step; this run takes {world_size} × {grad_accum} = {per_step}. "
+        f"Resuming would silently change the remaining steps, the LR schedule and what an epoch is, so nothing "
+        f"was changed: {fix}, or start again with --overwrite")
 
 
 def _optimizer_step(wrapped, micro, compute_loss, count_units, optimizer, cfg, device, runtime,

@@ -32,7 +32,7 @@ def test_reference_resolution():
 
 @pytest.mark.parametrize("extra, needle", [
     ({"task": "dpo", "preference": {"betta": 0.1}}, "preference.betta"),
-    ({"task": "dpo", "preference": {"loss": "kto"}}, "preference.loss"),
+    ({"task": "dpo", "preference": {"loss": "rso"}}, "preference.loss"),
     ({"task": "dpo", "preference": {"label_smoothing": 0.5}}, "preference.label_smoothing"),
     ({"task": "dpo", "preference": {"reference": "adapters_off"}, "train": {"method": "full"}}, "needs train.method=lora"),
     ({"task": "sft", "preference": {}}, "only by task=reward"),

@@ -2,7 +2,8 @@
 
 import torch
 
-from tunelab.rollout.generate import completion_mask, sample_completions, stop_token_ids
+from tunelab.data.stop_tokens import stop_token_ids
+from tunelab.rollout.generate import completion_mask, sample_completions
 from tunelab.rollout.prompts import Prompt, collate_prompts
 from tests.conftest import make_tiny_llama
 

@@ -79,7 +79,8 @@ def test_progress_without_a_terminal_prints_plain_lines_with_loss_lr_speed_and_e
     monkeypatch.setattr(progress, "LINES_PER_RUN", 4)  # a line every 8/4 = 2 steps
     train(tmp_path / "run", max_steps=8, quiet=False, save_every=None)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    pattern = re.compile(r"step (\d+)/8 \(\d+%\)  loss \d+\.\d{4} lr \S+ \d+ tok/s  elapsed \d:\d\d:\d\d  eta \d:\d\d:\d\d")
+    pattern = re.compile(r"step (\d+)/8 \(\d+%\)  loss \d+\.\d{4} lr \S+ \d+ tok/s  "
+                         r"elapsed \d:\d\d:\d\d  eta \d:\d\d:\d\d")
     assert all(pattern.fullmatch(line) for line in lines), lines
     steps = [int(pattern.fullmatch(line).group(1)) for line in lines]
     assert steps == [1, 2, 4, 6, 8]  # the first step, then every 2 steps, and the last

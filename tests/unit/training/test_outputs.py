@@ -1,4 +1,4 @@
-"""The one place that writes (training/outputs.py): which output paths may be written or replaced,
+"""The one place that writes (training/outputs/): which output paths may be written or replaced,
 atomic directory writes with a marker, disk errors named by path and cause, and the run lock."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_an_interrupted_run_is_refused_like_a_finished_one(tmp_path, leftover):
     with pytest.raises(OutputError, match="already holds") as err:
         check_output_dir(run, resume=False, overwrite=False)
     assert ("--resume" in str(err.value)) == leftover.startswith("checkpoints")
-    assert ("interrupted run" in str(err.value)) == (leftover != "tunelab.json")
+    assert ("(interrupted: no tunelab.json yet" in str(err.value)) == (leftover != "tunelab.json")
     assert check_output_dir(run, resume=False, overwrite=True) is None
 
 
@@ -215,7 +215,7 @@ def test_writing_names_the_path_and_cause_of_a_full_disk(tmp_path):
 
 
 def test_writing_reports_what_a_probe_write_finds_when_the_error_does_not_say(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "_probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    monkeypatch.setattr(outputs.writes, "probe_write", lambda d: OSError(errno.EROFS, os.strerror(errno.EROFS)))
     with pytest.raises(OutputError, match="read-only file system while writing"), writing(tmp_path / "x"):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
@@ -227,7 +227,7 @@ def test_an_unreadable_input_is_named_as_itself(tmp_path):
 
 def test_check_writable_finds_a_read_only_or_full_directory_before_any_work(tmp_path, monkeypatch):
     check_writable(tmp_path / "new" / "run")  # a missing directory: its nearest parent is probed
-    monkeypatch.setattr(outputs, "_probe_write", lambda d: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    monkeypatch.setattr(outputs.writes, "probe_write", lambda d: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(OutputError, match=f"cannot write output_dir {tmp_path / 'run'}: no space left on device"):
         check_writable(tmp_path / "run")
 
@@ -293,3 +293,34 @@ def test_the_lock_is_held_until_the_block_ends_in_one_process_too(tmp_path):
     with run_lock(tmp_path / "run"):
         pass
     assert MARKER not in os.listdir(tmp_path / "run")  # the lock alone marks nothing
+
+
+def test_a_decorated_train_holds_the_lock_from_its_output_check_until_it_returns_or_raises(tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.training.outputs import holds_run_lock
+
+    config = SimpleNamespace(output_dir=str(tmp_path / "run"))
+    seen = []
+
+    @holds_run_lock
+    def train(config, *, fail_early=False, fail_late=False):
+        if fail_early:  # a recipe's own early refusal: nothing may have been created yet
+            seen.append((tmp_path / "run").exists())
+            raise OutputError("refused early")
+        check_output_dir(Path(config.output_dir), resume=False, overwrite=False)
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"), run_lock(Path(config.output_dir)):
+            pass
+        seen.append(read_marker(Path(config.output_dir))["kind"])
+        if fail_late:
+            raise RuntimeError("a bug")
+        return "done"
+
+    with pytest.raises(OutputError, match="refused early"):
+        train(config, fail_early=True)
+    assert seen == [False] and not (tmp_path / "run").exists()
+    with pytest.raises(RuntimeError):
+        train(config, fail_late=True)
+    assert train(config) == "done" and seen[1:] == ["run", "run"]
+    with run_lock(tmp_path / "run"):  # released after both
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 
 from tunelab.errors import TunelabError
+from tunelab.training.interrupt import RunInterrupted
 
 app = typer.Typer(help="Fine-tune pre-trained models with one command.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -205,9 +207,29 @@ def main() -> None:
             raise
         _print_error(message)
         sys.exit(2)
+    except RunInterrupted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            launcher = " (under the same torchrun launcher)" if "LOCAL_RANK" in os.environ else ""
+            error_console.print(f"[yellow]stopped[/]: {stop}. Continue with{launcher}:\n  "
+                                f"{resume_command(sys.argv[1:])}", highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted ``tunelab ARGV``: the same arguments with
+    ``--resume`` instead of ``--overwrite``/``--resume-from PATH``/``--resume``, shell-quoted."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--resume-from="):
+            kept.append(arg)
+    return shlex.join(["tunelab", *kept, "--resume"])
 
 
 def _print_error(message: str) -> None:

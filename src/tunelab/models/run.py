@@ -62,10 +62,10 @@ def save_run(
         if method == "lora" and quantization_record(model):
             info["base_quantization"] = quantization_record(model)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
-        # the adapter config goes last (and an older one first), so no config sits beside weights it
-        # does not describe
+        # the adapter config goes last but one (and an older one first), so no config sits beside weights
+        # it does not describe; tunelab.json goes last: it marks the run finished (--resume checks it)
         (output_dir / "adapter_config.json").unlink(missing_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_config.json"):
+        for item in sorted(tmp.iterdir(), key=lambda p: (p.name == RUN_INFO, p.name == "adapter_config.json")):
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

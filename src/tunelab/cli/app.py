@@ -146,7 +146,9 @@ def config_reference() -> None:
 
 
 # Task-specific commands live in their own modules; each has `register(app, console)`.
-COMMAND_MODULES: tuple[str, ...] = ("tunelab.cli.classify_cmds", "tunelab.cli.preference_cmds")
+COMMAND_MODULES: tuple[str, ...] = (
+    "tunelab.cli.classify_cmds", "tunelab.cli.preference_cmds", "tunelab.cli.export_cmds",
+)
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app, console)
 

@@ -8,9 +8,13 @@ Record forms (field names can be remapped with ``data.columns``):
     chosen reply desirable and the rejected reply undesirable, with the same prompt.
 
 Tokens: prompt and completion are rendered and labelled exactly as one side of a preference pair
-(:class:`tunelab.data.preference.PairTokenizer`: chat template, supervised assistant turns, the
-same length policy: prompt cut from the left to no fewer than ``max_seq_len // 2`` tokens, then the
-completion cut on the right).
+(:meth:`tunelab.data.preference.PairTokenizer.encode`: chat template, supervised assistant turns, the
+prompt/reply boundary at the first token reaching into the reply; the same length policy: prompt
+cut from the left to no fewer than ``max_seq_len // 2`` tokens, then the completion cut on the
+right). A mismatched sequence joins example i's prompt ids to example j's completion ids; with a
+chat template the boundary is the template's assistant header, so these are the ids the text has;
+without one (plain ``prompt + completion`` text) a BPE merge across the join may differ from
+tokenizing the joined text, which only affects the ``z_ref`` estimate.
 
 Batches (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4.1: the reference point ``z_ref`` is
 estimated from mismatched pairs within the batch): for B examples the padded batch has ``2B`` rows,
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +44,7 @@ from tunelab.config.schema import DataConfig, DataSource
 from tunelab.data.collate import IGNORE_INDEX
 from tunelab.data.preference import PairTokenizer, reply_text, to_preference_example
 from tunelab.data.sources import load_records, present_fields
+from tunelab.data.templates import UnusableExample
 from tunelab.data.tokenize import DataStats
 from tunelab.errors import DataError
 from tunelab.training.loop import Batch, BatchPlan
@@ -59,6 +64,7 @@ class KTOExample:
     prompt_key: int
     index: int = 0
     pair_id: int | None = None
+    suffix_ids: list[int] = field(default_factory=list)  # special tokens after the text (none with a chat template)
 
 
 @dataclass
@@ -112,19 +118,24 @@ def tokenize_kto(examples: list[dict[str, Any]], encode: PairTokenizer,
                  keys: dict[str, int], first_index: int = 0) -> tuple[list[KTOExample], DataStats]:
     """Tokenize canonical examples (``keys`` numbers distinct prompts, shared across splits)."""
     stats, out = DataStats(num_records=len(examples)), []
-    budget = encode.max_seq_len - len(encode.suffix_ids)
     for example in examples:
         if not reply_text(example["completion"]).strip():
             stats.dropped["empty completion"] += 1
             continue
-        prompt_ids, reply_ids, labels = encode.encode(example["prompt"], example["completion"])
-        ids, labs = _sequence(prompt_ids, reply_ids, labels, budget, encode, stats)
+        try:
+            all_ids, all_labels, first, templated = encode.encode(example["prompt"], example["completion"])
+        except UnusableExample as err:
+            stats.dropped[err.reason] += 1
+            continue
+        prompt_ids, reply_ids, labels = all_ids[:first], all_ids[first:], all_labels[first:]
+        suffix = [] if templated else list(encode.suffix_ids)  # a chat template writes its own special tokens
+        ids, labs = _sequence(prompt_ids, reply_ids, labels, suffix, encode, stats)
         if all(x == IGNORE_INDEX for x in labs):
             stats.dropped["no completion tokens after truncation"] += 1
             continue
         key = keys.setdefault(_prompt_key(example["prompt"]), len(keys))
         out.append(KTOExample(prompt_ids, reply_ids, labels, bool(example["desirable"]), key,
-                              first_index + len(out), example.get("pair_id")))
+                              first_index + len(out), example.get("pair_id"), suffix))
         stats.num_examples += 1
         stats.lengths.append(len(ids))
         stats.num_tokens += len(ids)
@@ -132,9 +143,10 @@ def tokenize_kto(examples: list[dict[str, Any]], encode: PairTokenizer,
     return out, stats
 
 
-def _sequence(prompt_ids: list[int], reply_ids: list[int], reply_labels: list[int], budget: int,
+def _sequence(prompt_ids: list[int], reply_ids: list[int], reply_labels: list[int], suffix: list[int],
               encode: PairTokenizer, stats: DataStats | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels of prompt + reply under the length policy (see the module docstring)."""
+    """Token ids and labels of prompt + reply + suffix under the length policy (see the module docstring)."""
+    budget = encode.max_seq_len - len(suffix)
     keep = len(prompt_ids)
     if keep + len(reply_ids) > budget:
         if stats is not None:
@@ -143,8 +155,8 @@ def _sequence(prompt_ids: list[int], reply_ids: list[int], reply_labels: list[in
     lead = len(encode.prefix_ids) if prompt_ids[: len(encode.prefix_ids)] == encode.prefix_ids else 0
     head = list(prompt_ids) if keep >= len(prompt_ids) else prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (keep - lead):]
     room = budget - len(head)
-    ids = head + reply_ids[:room] + encode.suffix_ids
-    labels = [IGNORE_INDEX] * len(head) + reply_labels[:room] + [IGNORE_INDEX] * len(encode.suffix_ids)
+    ids = head + reply_ids[:room] + suffix
+    labels = [IGNORE_INDEX] * len(head) + reply_labels[:room] + [IGNORE_INDEX] * len(suffix)
     labels[0] = IGNORE_INDEX
     return ids, labels
 
@@ -165,12 +177,11 @@ def mismatched_partners(prompt_keys: Sequence[int]) -> list[int | None]:
 
 def kto_collate(examples: Sequence[KTOExample], encode: PairTokenizer, pad_token_id: int) -> dict[str, Any]:
     """Pad ``[x_i + y_i ...; x_i + y_m(i) ...]`` into one right-padded (2B, T) batch (module docstring)."""
-    budget = encode.max_seq_len - len(encode.suffix_ids)
     partners = mismatched_partners([e.prompt_key for e in examples])
-    seqs = [_sequence(e.prompt_ids, e.reply_ids, e.reply_labels, budget, encode) for e in examples]
+    seqs = [_sequence(e.prompt_ids, e.reply_ids, e.reply_labels, e.suffix_ids, encode) for e in examples]
     for e, j in zip(examples, partners):
         other = examples[j] if j is not None else e
-        seqs.append(_sequence(e.prompt_ids, other.reply_ids, other.reply_labels, budget, encode))
+        seqs.append(_sequence(e.prompt_ids, other.reply_ids, other.reply_labels, e.suffix_ids, encode))
     longest = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long)

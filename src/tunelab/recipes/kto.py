@@ -45,7 +45,10 @@ from tunelab.training.precision import autocast, pick_device
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
-    """Run KTO as configured; returns the results stored in ``tunelab.json``."""
+    """Run KTO as configured; returns the results stored in ``tunelab.json``.
+
+    Entered through :func:`tunelab.recipes.dpo.train` (``task: dpo``, ``preference.loss: kto``), whose
+    decorator has already checked and locked ``output_dir`` for the whole run."""
     console = console or Console()
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data

@@ -14,12 +14,14 @@ train on are computed from the same logits (see :mod:`tunelab.rollout.scoring`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from tunelab.data.stop_tokens import stop_token_ids
 from tunelab.models.heads import position_ids_from_mask
+
+__all__ = ["Completions", "completion_mask", "sample_completions", "stop_token_ids"]  # stop ids live in data/
 
 
 

@@ -6,22 +6,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.training.outputs import atomic_file, writing
+
 
 class MetricsLog:
     """Append-only JSONL metrics file. On resume, lines past the resumed step are dropped."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        with writing(path):  # a full disk or read-only directory: one error naming the file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                path.write_text("")
+            elif path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line).get("step", 0) <= resume_step]
+                with atomic_file(path) as tmp:
+                    tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (values must be JSON-serializable)."""
-        with self.path.open("a") as f:
+        """Append one record (values must be JSON-serializable).
+
+        Raises:
+            OutputError: the disk is full or the file cannot be written (naming it).
+        """
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ def test_grpo_recipe_runs_and_writes_run(tmp_path, tiny_model_dir):
     assert samples and {"step", "prompt", "completion", "reward", "rewards"} <= set(samples[0])
     assert results["held_out_before"]["num_prompts"] == 4
     assert len(results["held_out_before"]["per_prompt"]) == len(results["held_out_after"]["per_prompt"]) == 4
+    assert results["kl_estimator"] == "k3" and results["scale_rewards"] == "group"  # 'auto' for grpo
     paired = results["held_out_paired"]
     assert paired["wins"] + paired["losses"] + paired["ties"] == 4
 
@@ -79,7 +80,8 @@ def test_ppo_recipe_runs_with_value_head_and_kl(tmp_path, tiny_model_dir):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2
     for key in ("kl", "kl_coef", "entropy", "policy/clip_frac", "policy/approx_kl", "value/explained_variance",
-                "value/loss", "reward/mean", "reward/std", "reward/normalized_mean", "length/mean"):
+                "value/loss", "reward/mean", "reward/std", "reward/normalized_mean", "length/mean",
+                "advantages/applied", "advantages/num_valid"):
         assert key in lines[0], key
     assert lines[0]["kl"] == 0.0  # first rollout comes from the reference itself (LoRA B = 0)
     assert lines[1]["kl_coef"] != lines[0]["kl_coef"]  # adaptive controller moved

@@ -83,10 +83,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         for step in range(first, steps):
             t0 = time.perf_counter()
             prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate of this step's first update (logged)
             record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
                                        generator, moments)
-            record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"],
-                          step_s=round(time.perf_counter() - t0, 2))
+            record.update(step=step + 1, lr=step_lr, step_s=round(time.perf_counter() - t0, 2))
             if (step + 1) % tc.log_every == 0 or step + 1 == steps:
                 log.write(record)
             if (step + 1) % rl.log_samples_every == 0 or step == 0:

@@ -131,7 +131,7 @@ def train_loss_curve(tmp_path, model_dir, rows, **classification):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     raw = make_config(tmp_path, model_dir, data, **classification)
     raw["data"]["val_fraction"] = 0.0
-    raw["train"].update(max_steps=24, eval_every=None, save_every=None)
+    raw["train"].update(max_steps=24, eval_every=None, save_every=None, metric_for_best=None)  # no held-out data
     train(validate_config(raw), console=quiet())
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r]

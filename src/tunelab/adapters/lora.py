@@ -2,10 +2,12 @@
 
 ``y = W x + (alpha / r) · B A x`` with ``A`` (r × in) initialized Kaiming-uniform and ``B``
 (out × r) initialized to zero, so the adapted model equals the base model at step 0. rsLoRA
-(Kalajdzievski 2023, arXiv:2312.03732) scales by ``alpha / sqrt(r)`` instead.
+(Kalajdzievski 2023, arXiv:2312.03732) scales by ``alpha / sqrt(r)`` instead. With ``use_dora`` the
+layer is DoRA's weight-decomposed form (arXiv:2402.09353, see :mod:`tunelab.adapters.dora`).
 
 Module layout mirrors PEFT's so state-dict keys map one-to-one: the wrapped layer keeps its
-name and holds ``base_layer``, ``lora_A`` and ``lora_B``.
+name and holds ``base_layer``, ``lora_A``, ``lora_B`` (and ``lora_magnitude_vector`` for DoRA).
+A quantized base (:class:`tunelab.quant.nf4.NF4Linear`) is read through its ``dense_weight()``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.adapters import dora
 from tunelab.errors import ConfigError
 
 
@@ -31,11 +34,14 @@ class LoRALinear(nn.Module):
         alpha: scaling numerator.
         dropout: dropout probability on the LoRA input; 0 adds no op to the forward.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA: add a trainable float32 magnitude per output feature,
+            ``lora_magnitude_vector`` (out_features,), initialized to the base weight's row norms.
 
     Shapes: input (..., in_features) → output (..., out_features), same dtype as the input.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -50,6 +56,10 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         base_layer.requires_grad_(False)
+        self.use_dora = use_dora
+        self._dora_factor: torch.Tensor | None = None  # f = m / ||W + ΔW||_c of the last merge
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(dora.row_norm(self.base_weight().detach()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b + B (s · A x)``: the scaling is applied to the rank-r intermediate (N × r), not
@@ -58,9 +68,20 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        if self.dropout and self.training:
+        dropped = bool(self.dropout and self.training)
+        if dropped:
             x = F.dropout(x, self.dropout, training=True)
+        if self.use_dora:
+            bias = self.base_layer.bias
+            base_out = None if dropped else (out if bias is None else out - bias)
+            return out + dora.dora_extra_output(x, base_out, self.base_weight(), self.lora_A.weight,
+                                                self.lora_B.weight, self.scaling, self.lora_magnitude_vector)
         return out + F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight (out_features, in_features) as a dense tensor (dequantized if quantized)."""
+        base = self.base_layer
+        return base.dense_weight() if hasattr(base, "dense_weight") else base.weight
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``scaling · B A`` as an (out_features, in_features) matrix."""
@@ -68,20 +89,44 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the update into the base weight (forward then skips the LoRA branch)."""
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
+        """Fold the update into the base weight (forward then skips the LoRA branch).
+
+        LoRA: ``W += s · B A``. DoRA: ``W = m ⊙ (W + s·BA) / ||W + s·BA||_c`` (Eq. 5), remembering the
+        per-row factor so :meth:`unmerge` can invert it.
+
+        Raises:
+            TypeError: the base is stored quantized (dequantize it first, as :func:`merge_lora` does).
+        """
+        if self.merged:
+            return
+        weight = self._dense_weight_param()
+        if self.use_dora:
+            merged, self._dora_factor = dora.merged_weight(weight, self.delta_weight(), self.lora_magnitude_vector)
+            weight.copy_(merged.to(weight.dtype))
+        else:
+            weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update from the base weight again."""
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
+        """Take the update out of the base weight again (DoRA: ``W = W' / f - s·BA``)."""
+        if not self.merged:
+            return
+        weight = self._dense_weight_param()
+        if self.use_dora:
+            weight.copy_(dora.unmerged_weight(weight, self.delta_weight(), self._dora_factor).to(weight.dtype))
+            self._dora_factor = None
+        else:
+            weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def _dense_weight_param(self) -> torch.Tensor:
+        if hasattr(self.base_layer, "dense_weight"):
+            raise TypeError("cannot merge into a quantized base layer in place; dequantize it first (merge_lora does)")
+        return self.base_layer.weight
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}" + (", dora" if self.use_dora else "")
 
 
 def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude: list[str] = ()) -> list[str]:
@@ -125,7 +170,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def inject_lora(
     model: nn.Module, target_modules: list[str] | str, r: int, alpha: float, dropout: float = 0.0,
-    use_rslora: bool = False, exclude: list[str] = (),
+    use_rslora: bool = False, exclude: list[str] = (), use_dora: bool = False,
 ) -> list[str]:
     """Replace the target linear layers with :class:`LoRALinear` in place and freeze everything else.
 
@@ -137,7 +182,7 @@ def inject_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, use_dora))
     return names
 
 
@@ -154,19 +199,33 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     An adapted output head whose weight is tied to the input embeddings is untied first (its own
     copy of the weight, ``config.tie_word_embeddings = False``), so the merge changes the head and
     not the embeddings, and the saved model reloads exactly.
+
+    A quantized base layer (one with ``dequantize()``, e.g. NF4) is first replaced by its
+    dequantized ``nn.Linear``, the weight the adapter was trained against, and the update is merged
+    into that; with ``unload`` the quantized layers without an adapter are dequantized too, so the
+    result is a plain model that ``save_pretrained`` writes.
     """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, layer in list(lora_layers(model)):
+        if hasattr(layer.base_layer, "dequantize"):
+            layer.base_layer = layer.base_layer.dequantize()
         if embeddings is not None and layer.base_layer.weight is embeddings.weight:
             layer.base_layer.weight = nn.Parameter(embeddings.weight.detach().clone(),
                                                    requires_grad=embeddings.weight.requires_grad)
             _untie_config(model)
         layer.merge()
         if unload:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.base_layer)
+            _replace(model, name, layer.base_layer)
+    if unload:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and hasattr(module, "dequantize"):
+                _replace(model, name, module.dequantize())
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _untie_config(model: nn.Module) -> None:

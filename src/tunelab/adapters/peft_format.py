@@ -2,7 +2,8 @@
 
 Directory: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``...lora_B.weight`` (PEFT drops its adapter
-name ``default`` from saved keys) and, for trained extra modules (e.g. a classification head),
+name ``default`` from saved keys), for DoRA ``...lora_magnitude_vector`` (``use_dora: true`` in the
+config) and, for trained extra modules (e.g. a classification head),
 ``base_model.model.<module>.weight`` listed in ``modules_to_save``.
 """
 
@@ -37,6 +38,8 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] = ()) -> dic
     for name, layer in lora_layers(model):
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        if layer.use_dora:
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().contiguous()
     for module_name in modules_to_save:
         for pname, param in model.get_submodule(module_name).named_parameters():
             state[f"{PREFIX}{module_name}.{pname}"] = param.detach().clone()  # a tied head shares its weight
@@ -79,6 +82,7 @@ def save_adapter(
         "alpha_pattern": alpha_pattern,
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
+        "use_dora": first.use_dora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "modules_to_save": list(modules_to_save) or None,
         "bias": "none",
@@ -128,22 +132,23 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     (``rank_pattern`` / ``alpha_pattern``). Returns the adapter config.
 
     Raises:
-        ModelLoadError: unsupported options (DoRA, bias training), or an adapter that is partial or does
-            not fit the model ("k of N adapter tensors matched", :mod:`tunelab.adapters.integrity`);
-            then the model is left as it was.
+        ModelLoadError: unsupported options (bias training), or an adapter that is partial or does
+            not fit the model ("k of N adapter tensors matched", :mod:`tunelab.adapters.integrity`; a
+            DoRA adapter lacking a module's ``lora_magnitude_vector`` too); then the model is left as it was.
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    if config.get("use_dora"):
-        raise ModelLoadError(f"{directory}: DoRA adapters are not supported yet")
     own = _own_names(load_file(str(directory / WEIGHTS_NAME)), config)
     modules = check_adapter_state(model, config, own, str(directory))
+    if config.get("use_dora"):
+        _check_magnitudes(modules, own, str(directory))
     groups: dict[tuple[int, float], list[str]] = {}
     for name in modules:
         groups.setdefault(module_rank_alpha(config, name), []).append(name)
     for (r, alpha), names in groups.items():
         inject_lora(model, [f"re:{re.escape(name)}" for name in names], r=r, alpha=alpha,
-                    dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=config.get("use_rslora", False))
+                    dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=config.get("use_rslora", False),
+                    use_dora=bool(config.get("use_dora", False)))
     check_loaded_keys(model, own, str(directory))
     model.load_state_dict(own, strict=False)
     for module_name in config.get("modules_to_save") or []:
@@ -151,6 +156,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.use_dora:
+            layer.lora_magnitude_vector.requires_grad_(True)
     return config
 
 
@@ -166,6 +173,15 @@ def _own_names(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
             name = name.replace(f"{module_name}.modules_to_save.default.", f"{module_name}.")
         own[name] = value
     return own
+
+
+def _check_magnitudes(modules: list[str], own: dict[str, torch.Tensor], where: str) -> None:
+    """A DoRA adapter must carry every adapted module's magnitude (else that layer would silently keep
+    the base's row norms, i.e. a different model)."""
+    missing = [f"{m}.lora_magnitude_vector" for m in modules if f"{m}.lora_magnitude_vector" not in own]
+    if missing:
+        raise ModelLoadError(f"{where}: a DoRA adapter (use_dora) without the magnitude of {len(missing)} of "
+                             f"{len(modules)} modules, e.g. {missing[:3]}; it is incomplete, so it is not loaded")
 
 
 def _resolve_saved_module(model: nn.Module, module_name: str) -> str:

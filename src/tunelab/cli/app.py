@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,6 +14,7 @@ import typer
 from rich.console import Console
 
 from tunelab.errors import TunelabError
+from tunelab.training.interrupt import RunInterrupted
 
 app = typer.Typer(help="Fine-tune pre-trained models with one command.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -107,14 +110,33 @@ def merge(
     if info["method"] != "lora":
         raise TunelabError(f"{run_dir} is a {info['method']} fine-tune, not a LoRA adapter: nothing to merge")
     merge_lora(model)
+    quantized = info.get("base_quantization")
+    if quantized:  # recorded where any transformers reader sees it, too
+        model.config.tunelab_merged_into_dequantized_base = quantized
     stop_ids = apply_stop_ids(model, tokenizer) if info.get("task_type", "CAUSAL_LM") == "CAUSAL_LM" else []
     check_out_dir(out, overwrite=overwrite, inputs=[run_dir])  # again: a run may have taken it meanwhile
     with atomic_output_dir(out, "merged") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "tunelab.json").write_text(json.dumps(merged_run_info(run_dir, info), indent=2))
     if stop_ids:
         log_stop_ids(console, out, tokenizer, stop_ids)
-    console.print(f"[bold green]merged[/] {run_dir} into {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    how = f" (into the dequantized {quantized['format']} base it was trained on)" if quantized else ""
+    console.print(f"[bold green]merged[/] {run_dir} into {out}{how} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def merged_run_info(run_dir: Path, info: dict) -> dict:
+    """``tunelab.json`` of a merged model: a full model now, saying what it was merged from and, for a
+    QLoRA run, that the adapter went into the dequantized base weights it was trained against."""
+    from tunelab import __version__
+
+    merged = {"tunelab_version": __version__, "method": "full", "merged_from": str(run_dir),
+              "base_model": info.get("base_model"), "task_type": info.get("task_type", "CAUSAL_LM")}
+    if info.get("base_quantization"):
+        merged["base_quantization"] = info["base_quantization"]
+        merged["merged_into"] = (f"the {info['base_quantization']['format']}-dequantized base weights the adapter "
+                                 "was trained against (not the original full-precision base)")
+    return merged
 
 
 @data_app.command("inspect")
@@ -185,9 +207,29 @@ def main() -> None:
             raise
         _print_error(message)
         sys.exit(2)
+    except RunInterrupted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            launcher = " (under the same torchrun launcher)" if "LOCAL_RANK" in os.environ else ""
+            error_console.print(f"[yellow]stopped[/]: {stop}. Continue with{launcher}:\n  "
+                                f"{resume_command(sys.argv[1:])}", highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted ``tunelab ARGV``: the same arguments with
+    ``--resume`` instead of ``--overwrite``/``--resume-from PATH``/``--resume``, shell-quoted."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--resume-from="):
+            kept.append(arg)
+    return shlex.join(["tunelab", *kept, "--resume"])
 
 
 def _print_error(message: str) -> None:

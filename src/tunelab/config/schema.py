@@ -42,6 +42,12 @@ class ModelConfig(StrictModel):
         description="Dtype of the loaded weights. 'auto': bfloat16 for a frozen LoRA base on CUDA, else float32. "
         "Trainable parameters (adapters, heads, full FT) are always kept in float32.",
     )
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="QLoRA (arXiv:2305.14314): store the frozen base's linear layers (not the LM head, norms or "
+        "embeddings) as NF4 with double quantization (torchao, CPU and CUDA); LoRA weights stay float32. Needs "
+        "train.method lora; not with distributed training (ddp/fsdp) or train.compile.",
+    )
     chat_template: str | None = Field(
         None,
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, "
@@ -142,6 +148,11 @@ class LoraConfig(StrictModel):
         "e.g. [q_proj, v_proj].",
     )
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA, arXiv:2312.03732).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA (arXiv:2402.09353): also train a magnitude per output feature, W' = m·(W+BA)/||W+BA|| "
+        "(norm detached in backward, §4.3). Saved as PEFT does (use_dora, lora_magnitude_vector).",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -289,9 +300,27 @@ class Config(StrictModel):
                               self.classification.problem_type if self.classification else None,
                               self.preference.loss if self.preference else None)
         self._check_preference()
+        self._check_quantize()
         if self.task in ("ppo", "grpo") or self.rl is not None:
             RLConfig.check_for(self.task, self.rl)
         return self
+
+    def _check_quantize(self) -> None:
+        """``model.quantize`` stores a frozen base: LoRA only, one process, eager (what torchao's NF4 path is
+        tested for here)."""
+        q = self.model.quantize
+        if q == "none":
+            return
+        if self.train.method != "lora":
+            raise ValueError(f"model.quantize={q} stores the frozen base quantized; it needs train.method=lora "
+                             f"(train.method={self.train.method} trains the base weights themselves)")
+        if self.distributed.strategy in ("ddp", "fsdp"):
+            raise ValueError(f"model.quantize={q} is not supported with distributed.strategy={self.distributed.strategy} "
+                             "(NF4 weights are not sharded or broadcast by tunelab's ddp/fsdp path); train on one "
+                             "process or use model.quantize=none")
+        if self.train.compile:
+            raise ValueError(f"model.quantize={q} is not supported with train.compile=true (torchao's NF4 tensor "
+                             "under torch.compile is not tested here); set train.compile=false")
 
     def _check_preference(self) -> None:
         if self.task not in ("reward", "dpo"):

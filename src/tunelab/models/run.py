@@ -4,7 +4,8 @@ Layout of ``output_dir``:
   * LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout);
     full/freeze: ``config.json`` + ``model.safetensors`` (plain transformers layout),
   * the tokenizer files (with the chat template used in training),
-  * ``config.yaml`` (resolved config), ``tunelab.json`` (version, base model, method, results),
+  * ``config.yaml`` (resolved config), ``tunelab.json`` (version, base model, method, results, and
+    ``base_quantization`` when the adapter was trained on a quantized base, e.g. QLoRA's NF4),
   * ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/``.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from tunelab import __version__
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
+from tunelab.quant.nf4 import quantization_record, requantize_from_record
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
 from tunelab.models.stop_config import apply_stop_ids, describe_stop_ids, write_generation_config
 from tunelab.training.outputs import atomic_dir
@@ -57,11 +59,13 @@ def save_run(
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
                 "base_model_path": base_path, "task_type": task_type, "stop_ids": stop_ids, "results": results}
+        if method == "lora" and quantization_record(model):
+            info["base_quantization"] = quantization_record(model)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
-        # the adapter config goes last (and an older one first), so no config sits beside weights it
-        # does not describe
+        # the adapter config goes last but one (and an older one first), so no config sits beside weights
+        # it does not describe; tunelab.json goes last: it marks the run finished (--resume checks it)
         (output_dir / "adapter_config.json").unlink(missing_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_config.json"):
+        for item in sorted(tmp.iterdir(), key=lambda p: (p.name == RUN_INFO, p.name == "adapter_config.json")):
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,6 +197,9 @@ def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tupl
                 kwargs.setdefault(key, value)
         model = load_model(base, auto_class, **kwargs)
         fit_embeddings(model, tokenizer, run_dir)
+        if info.get("base_quantization"):  # the adapter was trained on this quantized base: rebuild it
+            config = json.loads((run_dir / "adapter_config.json").read_text())
+            requantize_from_record(model, info["base_quantization"], exclude=list(config.get("modules_to_save") or []))
         load_adapter(model, run_dir)
     else:
         tokenizer = load_tokenizer(str(run_dir))

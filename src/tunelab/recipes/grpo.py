@@ -10,7 +10,7 @@ is averaged over real completion tokens only.
 
 Deliberate simplifications: outcome supervision only (one reward per completion, no process
 rewards); no iterative reward-model retraining (Sec. 4.1.4); the reference is the starting
-policy and never refreshed; no resume from checkpoints (a run is minutes long on a CPU).
+policy and never refreshed. Checkpoints and ``--resume``: :mod:`tunelab.rollout.checkpoints`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tunelab.losses.ppo import grpo_loss
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import start_rl_run
+from tunelab.rollout.checkpoints import RLCheckpoints
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
 from tunelab.rollout.evaluate import (
     held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
@@ -36,7 +37,6 @@ from tunelab.rollout.evaluate import (
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
-from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.outputs import holds_run_lock
 
@@ -46,7 +46,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
           console: Console | None = None) -> dict[str, Any]:
     """Run GRPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
     console = console or Console()
-    session, before, started = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
+    session, before, started, resume_from = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
     output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
     device = session.device
     model = session.model
@@ -60,20 +60,26 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     updates_per_step = rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows))
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, steps * updates_per_step)
-    log = MetricsLog(output_dir / "metrics.jsonl")
-    (output_dir / "samples.jsonl").write_text("")
     generator = torch.Generator().manual_seed(tc.seed)
-    for step in range(steps):
-        t0 = time.perf_counter()
-        prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
-        record, samples = grpo_step(session, prompts, config, optimizer, scheduler, reference, generator)
-        record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], step_s=round(time.perf_counter() - t0, 2))
-        if (step + 1) % tc.log_every == 0 or step + 1 == steps:
-            log.write(record)
-        if (step + 1) % rl.log_samples_every == 0 or step == 0:
-            log_samples(output_dir / "samples.jsonl", step + 1, samples[:rl.num_logged_samples])
-        console.print(f"step {step + 1}/{steps}  reward {record['reward/mean']:+.3f}  "
-                      f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
+    checkpoints = RLCheckpoints(output_dir, model, optimizer, scheduler, tc, dump_config(config),
+                                lambda: {"generator": generator.get_state()},
+                                lambda extra: generator.set_state(extra["generator"]))
+    first, log = checkpoints.start(resume_from, steps)
+    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop
+        for step in range(first, steps):
+            t0 = time.perf_counter()
+            prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+            record, samples = grpo_step(session, prompts, config, optimizer, scheduler, reference, generator)
+            record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"],
+                          step_s=round(time.perf_counter() - t0, 2))
+            if (step + 1) % tc.log_every == 0 or step + 1 == steps:
+                log.write(record)
+            if (step + 1) % rl.log_samples_every == 0 or step == 0:
+                log_samples(output_dir / "samples.jsonl", step + 1, samples[:rl.num_logged_samples])
+            console.print(f"step {step + 1}/{steps}  reward {record['reward/mean']:+.3f}  "
+                          f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
+            checkpoints.after_step(step + 1, steps)
+        checkpoints.finish(steps)
     after = held_out_rewards(session, config) if session.held_out else None
     results = {**rl_results(session, before, after, steps, started), "scale_rewards": rl.scale_rewards,
                "kl_estimator": rl.resolved_kl_estimator("grpo")}

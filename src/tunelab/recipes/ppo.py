@@ -15,7 +15,8 @@ Reward scores are normalized to mean 0 / std 1 with running statistics (``rl.nor
 head (a fresh linear layer) can have its own learning rate (``rl.value_lr``).
 
 Deliberate simplifications: no pretraining-gradient mix (PPO-ptx); the value head shares the
-policy's trunk (no separate critic model); no score clipping; no resume.
+policy's trunk (no separate critic model); no score clipping. Checkpoints and ``--resume``:
+:mod:`tunelab.rollout.checkpoints`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tunelab.models.run import save_run
 from tunelab.models.value_head import ValueHead
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import start_rl_run
+from tunelab.rollout.checkpoints import RLCheckpoints
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
 from tunelab.rollout.evaluate import (
     held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
@@ -44,7 +46,6 @@ from tunelab.rollout.evaluate import (
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
-from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.outputs import holds_run_lock
 
@@ -54,7 +55,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
           console: Console | None = None) -> dict[str, Any]:
     """Run PPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
     console = console or Console()
-    session, before, started = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
+    session, before, started, resume_from = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
     output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
     device = session.device
     model = session.model
@@ -72,31 +73,51 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     scheduler = build_scheduler(optimizer, tc, steps * rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows)))
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.adaptive_kl
               else FixedKLController(rl.kl_coef))
-    log = MetricsLog(output_dir / "metrics.jsonl")
-    (output_dir / "samples.jsonl").write_text("")
     generator = torch.Generator().manual_seed(tc.seed)
     moments = RunningMoments() if rl.normalize_scores else None
-    for step in range(steps):
-        t0 = time.perf_counter()
-        prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
-        record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
-                                   generator, moments)
-        record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], step_s=round(time.perf_counter() - t0, 2))
-        if (step + 1) % tc.log_every == 0 or step + 1 == steps:
-            log.write(record)
-        if (step + 1) % rl.log_samples_every == 0 or step == 0:
-            log_samples(output_dir / "samples.jsonl", step + 1, samples)
-        console.print(f"step {step + 1}/{steps}  score {record['reward/mean']:+.3f}  kl {record['kl']:.3f}  "
-                      f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
+    checkpoints = RLCheckpoints(output_dir, nn.ModuleDict({"policy": model, "value_head": value_head}), optimizer,
+                                scheduler, tc, dump_config(config), lambda: _loop_state(generator, kl_ctl, moments),
+                                lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments))
+    first, log = checkpoints.start(resume_from, steps)
+    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop
+        for step in range(first, steps):
+            t0 = time.perf_counter()
+            prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+            record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
+                                       generator, moments)
+            record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"],
+                          step_s=round(time.perf_counter() - t0, 2))
+            if (step + 1) % tc.log_every == 0 or step + 1 == steps:
+                log.write(record)
+            if (step + 1) % rl.log_samples_every == 0 or step == 0:
+                log_samples(output_dir / "samples.jsonl", step + 1, samples)
+            console.print(f"step {step + 1}/{steps}  score {record['reward/mean']:+.3f}  kl {record['kl']:.3f}  "
+                          f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
+            checkpoints.after_step(step + 1, steps)
+        checkpoints.finish(steps)
     after = held_out_rewards(session, config) if session.held_out else None
     results = {**rl_results(session, before, after, steps, started), "kl_estimator": rl.resolved_kl_estimator("ppo")}
+    value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
     save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
              config_yaml=dump_config(config), results=results)
-    value_head.save(output_dir)
     plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
                       (before["reward"], after["reward"]) if before and after else None, steps)
     report_rl(console, results, output_dir)
     return results
+
+
+def _loop_state(generator: torch.Generator, kl_ctl, moments: RunningMoments | None) -> dict[str, Any]:
+    """What a checkpoint keeps of the PPO loop besides weights, optimizer and RNG."""
+    return {"generator": generator.get_state(), "kl_coef": kl_ctl.value,
+            "moments": None if moments is None else (moments.count, moments.mean, moments.m2)}
+
+
+def _restore_loop_state(extra: dict[str, Any], generator: torch.Generator, kl_ctl,
+                        moments: RunningMoments | None) -> None:
+    generator.set_state(extra["generator"])
+    kl_ctl.value = extra["kl_coef"]
+    if moments is not None and extra["moments"] is not None:
+        moments.count, moments.mean, moments.m2 = extra["moments"]
 
 
 def value_param_group(value_head: ValueHead, config: Config) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from torch import nn
 from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
+from tunelab.quant.nf4 import quantize_frozen_linears
+from tunelab.training.distributed import env_world_size
 from tunelab.training.outputs import BEFORE_TRAINING, RUN_MARKERS, atomic_file, check_output_dir  # noqa: F401
 
 
@@ -67,8 +69,9 @@ def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     method = config.train.method
     if method == "lora":
         lc = config.lora
+        quantize_base(model, config.model.quantize, exclude=list(modules_to_save))
         names = inject_lora(model, lc.target_modules, lc.r, lc.alpha, lc.dropout, lc.use_rslora,
-                            exclude=list(modules_to_save))
+                            exclude=list(modules_to_save), use_dora=lc.use_dora)
         for module_name in modules_to_save:
             model.get_submodule(module_name).requires_grad_(True)
         upcast_trainable(model)
@@ -83,6 +86,23 @@ def _make_trainable(model: nn.Module, config: Config, modules_to_save: list[str]
     else:
         model.requires_grad_(True)
     return []
+
+
+def quantize_base(model: nn.Module, quantize: str, exclude: list[str] = ()) -> list[str]:
+    """Store the frozen base's linear layers as ``model.quantize`` says (before LoRA goes on top).
+
+    Returns the quantized module names (none for ``quantize="none"``).
+
+    Raises:
+        TunelabError: several processes (not supported with a quantized base), or a device/shape the
+            backend cannot handle (each naming ``model.quantize``).
+    """
+    if quantize == "none":
+        return []
+    if env_world_size() > 1:
+        raise TunelabError(f"model.quantize={quantize} is not supported with several processes (ddp/fsdp); "
+                           "train on one process or set model.quantize=none")
+    return quantize_frozen_linears(model, exclude)
 
 
 def weights_dtype(config: Config, device: torch.device) -> torch.dtype:

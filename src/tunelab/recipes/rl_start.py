@@ -19,25 +19,27 @@ from tunelab.training.precision import pick_device
 
 
 def start_rl_run(config: Config, *, resume: bool | str | None, overwrite: bool,
-                 console: Console) -> tuple[RLSession, dict[str, Any] | None, float]:
-    """Returns the session, the held-out reward of the starting policy (or None) and the start time (s).
+                 console: Console) -> tuple[RLSession, dict[str, Any] | None, float, Path | None]:
+    """Returns the session, the held-out reward of the starting policy (or None), the start time (s) and
+    the checkpoint to resume from (None for a fresh run; see :mod:`tunelab.rollout.checkpoints`).
+
+    The starting policy's held-out reward is measured again on ``--resume`` (before any weight is
+    restored, from the same seed, so it is the same measurement).
 
     Raises:
         TunelabError: launched by torchrun with several processes (``WORLD_SIZE`` > 1: RL recipes run on
             one process; each copy would train on its own and write the same ``output_dir``), ``resume``
-            was asked for (RL runs cannot resume), or ``output_dir`` holds a run.
+            was asked for and there is no intact checkpoint, or ``output_dir`` holds a run.
     """
     refuse_several_processes(config.task)
-    if resume:
-        raise TunelabError(f"task={config.task} cannot resume from a checkpoint; start again with --overwrite")
     started = time.perf_counter()
-    check_output_dir(Path(config.output_dir), resume, overwrite)
+    resume_from = check_output_dir(Path(config.output_dir), resume, overwrite)
     seed_everything(config.train.seed, config.train.threads)
     session = open_session(config, pick_device(), console)
     before = held_out_rewards(session, config) if config.eval.before_training and session.held_out else None
     if before:
         console.print(f"[bold]before[/] held-out reward {before['reward']:.4f} on {before['num_prompts']} prompts")
-    return session, before, started
+    return session, before, started, resume_from
 
 
 def refuse_several_processes(task: str) -> None:

@@ -5,7 +5,9 @@ A checkpoint directory ``<output_dir>/checkpoints/step-000123/`` holds:
   * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s,
   * ``rng.pt``: torch (CPU and CUDA) and Python RNG states,
   * ``state.json``: step, data position (micro-batches consumed), tunelab version,
-  * ``config.yaml``: the resolved config.
+  * ``config.yaml``: the resolved config,
+  * ``manifest.json``: every other file's size and SHA-256, written last (:mod:`tunelab.training.manifest`);
+    ``--resume`` checks it and skips a damaged checkpoint (:mod:`tunelab.training.resume`).
 It is written into a temporary sibling directory and renamed into place, so a crash never leaves
 a half-written checkpoint and never touches older ones.
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+from tunelab.training.manifest import write_manifest
 from tunelab.training.outputs import atomic_dir, commit_dir  # noqa: F401  (the one place that writes)
 
 if TYPE_CHECKING:
@@ -66,10 +69,13 @@ class TrainState:
 
 def save_checkpoint(
     output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-    config_yaml: str, keep_last: int, *, runtime: Runtime | None = None,
+    config_yaml: str, keep_last: int, *, runtime: Runtime | None = None, extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``
     (and the best, ``state.best_step``, which is never deleted).
+
+    ``extra`` (one process only): more loop state to keep (the RL loops' sampling generator, KL
+    controller, score statistics), saved as ``extra.pt`` and read back by :func:`load_extra`.
 
     With a distributed ``runtime`` this is collective (every rank calls it) and writes the DCP
     layout; ``model`` is the unwrapped model (its parameters may be FSDP ``DTensor`` shards).
@@ -88,7 +94,10 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         _write_run_files(tmp, scheduler, state, config_yaml, world_size=1)
+        write_manifest(tmp)
         commit_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +117,7 @@ def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, 
         runtime.barrier()
         if runtime.is_main:
             _write_run_files(tmp, scheduler, state, config_yaml, world_size=runtime.world_size)
+            write_manifest(tmp)  # after the barrier: every rank's shards are in tmp
             commit_dir(tmp, target)
     finally:
         if runtime.is_main:
@@ -140,6 +150,16 @@ def _write_run_files(directory: Path, scheduler, state: TrainState, config_yaml:
     info = {**asdict(state), "world_size": world_size, "tunelab_version": __version__}
     (directory / "state.json").write_text(json.dumps(info))
     (directory / "config.yaml").write_text(config_yaml)
+
+
+def run_finished(output_dir: Path, step: int) -> bool:
+    """Whether ``output_dir`` holds the final files of a run that ended at ``step``: its ``tunelab.json``
+    (written last by :func:`tunelab.models.run.save_run`) records ``results.steps == step``. False for a
+    run killed after its last checkpoint but before (or while) writing its model and report."""
+    try:
+        return json.loads((output_dir / "tunelab.json").read_text())["results"]["steps"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def clear_checkpoints(output_dir: Path) -> int:
@@ -205,6 +225,11 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return _read_state(path)
+
+
+def load_extra(path: Path) -> dict:
+    """The ``extra`` loop state :func:`save_checkpoint` kept in checkpoint ``path`` (``{}`` if none)."""
+    return torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else {}
 
 
 def _load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> TrainState:

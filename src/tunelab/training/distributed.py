@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -79,7 +80,27 @@ def launch_local(nproc: int, argv: list[str]) -> int:
             args.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tunelab", *args]
-    return subprocess.call(cmd)
+    return _wait_relaying_sigterm(subprocess.Popen(cmd))
+
+
+def _wait_relaying_sigterm(proc: subprocess.Popen) -> int:
+    """Wait for torchrun; a SIGTERM sent to this process is passed on (torchrun relays it to the ranks,
+    which checkpoint and stop), a SIGINT is not (a terminal's Ctrl-C reached every process already).
+    Returns torchrun's status, or 128 + the signal when one arrived (see :mod:`tunelab.training.interrupt`)."""
+    got: list[int] = []
+
+    def relay(signum, frame):
+        got.append(signum)
+        if signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, relay) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 + got[0] if got else status
 
 
 def rank_micro_batches(start: int, grad_accum: int, rank: int, world_size: int) -> list[int]:

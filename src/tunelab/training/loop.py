@@ -35,16 +35,18 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import (
-    TrainState, checkpoint_dir, clear_checkpoints, load_checkpoint, load_trainable_weights, save_checkpoint,
-    saved_world_size,
+    TrainState, checkpoint_dir, clear_checkpoints, load_checkpoint, load_trainable_weights, run_finished,
+    save_checkpoint, saved_world_size,
 )
 from tunelab.training.compile import compiled_layers
 from tunelab.training.distributed import Runtime, env_world_size, rank_micro_batches, single_process
+from tunelab.training.interrupt import RunInterrupted, StopSignals
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import build_optimizer, build_scheduler, checked_step
 from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.precision import autocast
 from tunelab.training.progress import training_progress
+from tunelab.training.resume import check_resumed_config
 from tunelab.training.selection import BestTracker
 
 Batch = dict[str, Any]
@@ -107,9 +109,15 @@ def fit(
     Raises:
         TunelabError: launched with several processes but no ``runtime`` given; a resumed
             checkpoint does not fit the model or the batch size, or took another ``world_size × grad_accum``
-            (:func:`check_same_step_size`), or stopped early; ``cfg.metric_for_best`` without ``evaluate``
-            or naming a metric ``evaluate`` does not report; ``cfg.compile`` and
-            ``torch.compile`` failed (the message names ``train.compile``).
+            (:func:`check_same_step_size`), or its config differs in keys that cannot change
+            (:func:`tunelab.training.resume.check_resumed_config`); the resumed run is already
+            finished (its final files are there, after its last step or an early stop);
+            ``cfg.metric_for_best`` without ``evaluate`` or naming a metric ``evaluate`` does not
+            report; ``cfg.compile`` and ``torch.compile`` failed (the message names ``train.compile``).
+        RunInterrupted: SIGTERM/SIGINT arrived (:mod:`tunelab.training.interrupt`); the step in
+            progress was finished and checkpointed. A run resumed at its last step or after an early
+            stop (stopped after its final checkpoint) does not train: it evaluates if that was not
+            logged and returns, so the recipe writes the final files.
     """
     if runtime is None:
         if env_world_size() > 1:
@@ -126,8 +134,8 @@ def fit(
                            "data.validation or data.val_fraction, or remove train.metric_for_best")
     state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
     if resume_from is not None:
-        state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime)
-        _refuse_finished(resume_from, state, num_steps)
+        state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime, config_yaml)
+        _refuse_finished(resume_from, state, num_steps, output_dir)
     else:
         if runtime.is_main:
             clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
@@ -137,14 +145,20 @@ def fit(
         if runtime.is_main else None
     batches = _BatchStream(plan)
 
-    def save(state: TrainState) -> None:
-        with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
-            save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last, runtime=runtime)
-
     model.train()
-    with compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
+    # Resumed at the last step or after an early stop: the final files were never written (see _refuse_finished).
+    finishing = state.step >= num_steps or state.stopped_early
+
+    def save() -> Path:
+        with writing_checkpoint(output_dir, state.step):  # a full disk: one clear error, nothing half written
+            return save_checkpoint(output_dir, model, optimizer, scheduler, state, config_yaml, cfg.keep_last,
+                                   runtime=runtime)
+
+    stop = StopSignals()
+    with stop, compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
-        while state.step < num_steps:
+        saved = None
+        while not finishing and state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)
             started = time.perf_counter()
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
@@ -161,22 +175,35 @@ def fit(
                 log.write(record)
             progress.update(task, advance=1, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                             f"{record['tokens_per_s']:.0f} tok/s")
-            stop = False
+            early = False
             if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
-                stop = _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, progress), runtime)
-            state.stopped_early = stop
-            if stop or (cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps):
-                save(state)
-            if stop:
+                early = _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, progress),
+                                runtime)
+            state.stopped_early = early
+            saved = None
+            if early or (cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps):
+                saved = save()
+            if signum := stop.requested(runtime):  # SIGTERM/SIGINT: this step is done; checkpoint it and stop
+                raise RunInterrupted(signum, state.step, saved or save())
+            if early:
                 if not quiet and runtime.is_main:
                     progress.console.print(f"[yellow]early stop[/] at step {state.step}: no {cfg.metric_for_best} "
                                            f"improvement in {cfg.early_stopping_patience} evaluations")
                 break
-        if evaluate and not state.stopped_early:
-            _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step, None if quiet else progress),
-                    runtime)
-    if not state.stopped_early:  # an early stop saved its step already
-        save(state)
+        if finishing:  # resumed after the last checkpoint: evaluate only if that was never logged
+            if evaluate and not state.stopped_early and not _has_eval(log, runtime, state.step):
+                _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step,
+                                                  None if quiet else progress), runtime)
+            final = resume_from
+        elif state.stopped_early:  # the early stop saved its step already
+            final = saved
+        else:
+            if evaluate:
+                _select(tracker, state, _log_eval(evaluate, wrapped, model, log, state.step,
+                                                  None if quiet else progress), runtime)
+            final = save()
+        if signum := stop.requested(runtime):  # during the final evaluation or save: stop before the final files
+            raise RunInterrupted(signum, state.step, final)
     if state.best_step is not None and state.best_step != state.step:
         load_trainable_weights(checkpoint_dir(output_dir, state.best_step), model)
     history = runtime.broadcast(log.read() if log else None)
@@ -198,7 +225,10 @@ def _select(tracker: BestTracker | None, state: TrainState, metrics: dict[str, A
     return tracker.update(state, runtime.broadcast(metrics))
 
 
-def _refuse_finished(path: Path, state: TrainState, num_steps: int) -> None:
+def _refuse_finished(path: Path, state: TrainState, num_steps: int, output_dir: Path) -> None:
+    """Refuse to resume a run whose final files are written; one that stopped before them is finished instead."""
+    if not run_finished(output_dir, state.step):
+        return
     if state.stopped_early:
         raise TunelabError(
             f"--resume: {path} stopped early at step {state.step} (train.early_stopping_patience; best step "
@@ -213,7 +243,28 @@ def _refuse_finished(path: Path, state: TrainState, num_steps: int) -> None:
 
 def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
     """Load a checkpoint; its data position is in micro-batches, so their size must not change."""
+
+
+def _has_eval(log: MetricsLog | None, runtime: Runtime, step: int) -> bool:
+    """Whether ``metrics.jsonl`` already holds an evaluation at ``step`` (rank 0's answer, on every rank)."""
+    return bool(runtime.broadcast(any(r.get("step") == step and any(k.startswith("eval/") for k in r)
+                                      for r in log.read()) if log else None))
+
+
+def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime,
+            config_yaml: str) -> TrainState:
+    """Load a checkpoint; its data position is in micro-batches, so their size must not change.
+
+    The config may change only in :data:`tunelab.training.resume.MAY_CHANGE` keys; a changed
+    ``train.lr`` (or schedule) is used from the resumed step on: the schedule's base rates come from
+    this run's config, not from the checkpoint's scheduler state.
+    """
+    check_resumed_config(path, config_yaml, say=print if runtime.is_main else lambda _: None)
+    base_lrs = list(scheduler.base_lrs)  # this run's train.lr; load_checkpoint restores the checkpoint's
     state = load_checkpoint(path, model, optimizer, scheduler, runtime=runtime)
+    scheduler.base_lrs = base_lrs
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"] = base_lr
     if state.micro_batch_size is not None and state.micro_batch_size != cfg.batch_size:
         raise TunelabError(f"checkpoint {path} was trained with train.batch_size={state.micro_batch_size}; "
                            f"resume with the same batch size (got {cfg.batch_size})")

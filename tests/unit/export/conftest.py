@@ -18,7 +18,8 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 def make_byte_bpe_tokenizer(pre: str = "gpt-2", vocab_size: int = 400):
     """A trained byte-level BPE (GPT-2 alphabet) with ChatML specials and one user-defined added token.
 
-    ``pre``: ``gpt-2`` (ByteLevel with its own regex, as SmolLM2) or ``qwen2`` (Qwen2's Split regex).
+    ``pre``: any name in :data:`tunelab.export.tokenizer_gguf.PRE_TOKENIZERS` (``gpt-2``: ByteLevel
+    with its own regex, as the SmolLM2 tokenizer tunelab loads; ``qwen2``/``llama-bpe``: a Split regex).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -28,6 +29,9 @@ def make_byte_bpe_tokenizer(pre: str = "gpt-2", vocab_size: int = 400):
     backend = Tokenizer(models.BPE())
     if pre == "gpt-2":
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre == "smollm":  # digits one by one, then GPT-2's split (SmolLM2's own tokenizer.json)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
         regex = PRE_TOKENIZERS[pre][0]["pattern"]["Regex"]
         backend.pre_tokenizer = pre_tokenizers.Sequence([

@@ -49,7 +49,7 @@ def test_llama_cpp_logits_equal_transformers(tmp_path, bpe_tokenizer, model_type
     assert np.abs(got - expected).max() < 2e-3 * max(1.0, np.abs(expected).max())
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
 def test_llama_cpp_tokenizes_like_hf(tmp_path, pre):
     tokenizer = make_byte_bpe_tokenizer(pre)
     path = tmp_path / "m.gguf"

@@ -76,6 +76,13 @@ def test_early_stopping_with_patience_saves_the_stop_and_refuses_resume(tmp_path
     assert result.state.stopped_early and result.state.step == 4 and result.state.best_step == 2
     assert _steps(tmp_path) == [2, 4]
     assert _same_weights(model, tmp_path / "checkpoints" / "step-000002")
+    # The recipe has not written its final files yet (killed after the early stop's checkpoint):
+    # --resume finishes the run without training: the state stays at step 4 with the best weights.
+    again, again_model = _fit(tmp_path, [0.1], 6, resume_from=tmp_path / "checkpoints" / "step-000004")
+    assert again.state.step == 4 and again.state.stopped_early and again.state.best_step == 2
+    assert _same_weights(again_model, tmp_path / "checkpoints" / "step-000002")
+    # Once the final files record step 4, the run is finished and a resume is refused.
+    (tmp_path / "tunelab.json").write_text(json.dumps({"results": {"steps": 4}}))
     with pytest.raises(TunelabError, match="stopped early at step 4"):
         _fit(tmp_path, [0.1], 6, resume_from=tmp_path / "checkpoints" / "step-000004")
 

@@ -50,22 +50,19 @@ def check_output_dir(output_dir: Path, resume: bool | str | None, overwrite: boo
 
 
 def resume_target(output_dir: Path, resume: bool | str) -> Path:
-    """The checkpoint ``--resume`` (``True``/``"latest"``) or ``--resume-from PATH`` continues from.
+    """The checkpoint ``--resume`` (``True``/``"latest"``) or ``--resume-from PATH`` continues from:
+    the newest intact one (a damaged newer one is named and skipped, leftovers of killed writes are
+    cleaned up; see :mod:`tunelab.training.resume`), or ``PATH`` once its manifest checks out.
 
     Raises:
-        TunelabError: ``PATH`` is not a checkpoint directory, or ``output_dir`` has no checkpoint.
+        TunelabError: ``PATH`` is not a checkpoint directory or is damaged, or ``output_dir`` has no
+            intact checkpoint.
     """
-    from tunelab.training.checkpoint import list_checkpoints
+    from tunelab.training.resume import resume_checkpoint, verified_checkpoint
 
     if isinstance(resume, str) and resume not in ("latest", "true"):
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise TunelabError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-        return path
-    existing = list_checkpoints(output_dir)
-    if not existing:
-        raise TunelabError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}")
-    return existing[-1]
+        return verified_checkpoint(Path(resume))
+    return resume_checkpoint(output_dir)
 
 
 def refuse_foreign_dir(output_dir: Path) -> None:

@@ -125,7 +125,7 @@ def writing(what: Path | str, root: Path | None = None) -> Iterator[None]:
         cause, filename = _environment_cause(err, path)
         if cause is None:
             raise
-        if filename is not None and not _is_within(Path(filename), path):
+        if filename is not None and not _is_within(Path(filename), path) and not _in_temp_of(Path(filename), path):
             raise OutputError(f"{cause}: {filename}") from err  # e.g. an unreadable input file
         if root is not None:
             name = f"{what} in {root}"
@@ -193,6 +193,12 @@ def _environment_cause(err: BaseException, path: Path) -> tuple[str | None, str 
         free = shutil.disk_usage(nearest_existing(path)).free  # torch's writer drops the OS error
         return f"a write failed (most likely no space left on device; {_size(free)} free now)", None
     return None, None
+
+
+def _in_temp_of(path: Path, target: Path) -> bool:
+    """Whether ``path`` is inside the ``.tmp-<name>-*`` sibling that :func:`atomic_dir` makes for ``target``."""
+    path, target = path.absolute(), target.absolute()
+    return any(p.parent == target.parent and p.name.startswith(f".tmp-{target.name}-") for p in (path, *path.parents))
 
 
 def _is_within(path: Path, root: Path) -> bool:

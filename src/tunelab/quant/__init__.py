@@ -1,0 +1,1 @@
+"""Quantized storage for frozen base weights (QLoRA's NF4), chosen by ``model.quantize``."""

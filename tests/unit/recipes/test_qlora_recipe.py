@@ -1,0 +1,88 @@
+"""model.quantize=nf4 through the SFT recipe on a tiny Llama (packing, chunked CE, activation checkpointing),
+its saved run, `tunelab merge` into the dequantized base, and the config-time errors."""
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config.load import validate_config
+from tunelab.errors import TunelabError
+from tests.unit.classification.helpers import tiny_base_dir
+
+pytest.importorskip("torchao")
+IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
+
+
+def raw_config(tmp_path, model_dir, **overrides):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"task": "sft", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model_dir), "quantize": "nf4"},
+           "data": {"train": {"path": str(data)}, "val_fraction": 0.25, "max_seq_len": 64, "packing": True},
+           "lora": {"r": 4, "alpha": 8, "use_dora": True},
+           "train": {"method": "lora", "max_steps": 3, "batch_size": 2, "grad_accum": 1, "lr": 1e-2, "threads": 1,
+                     "gradient_checkpointing": True, "chunked_ce": True, "ce_chunk_size": 16},
+           "eval": {"before_training": False, "sample_questions": 0}}
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        raw.setdefault(section, {})[field] = value
+    return raw
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory, smollm2_tokenizer):
+    return tiny_base_dir("decoder", tmp_path_factory.mktemp("dec"), smollm2_tokenizer)
+
+
+def test_qlora_dora_run_trains_saves_reloads_and_merges_into_the_dequantized_base(tmp_path, decoder_dir):
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from tunelab.cli.app import app
+    from tunelab.models.run import load_run
+    from tunelab.quant.nf4 import NF4Linear
+    from tunelab.recipes.sft import train
+
+    results = train(validate_config(raw_config(tmp_path, decoder_dir)), console=Console(quiet=True))
+    assert all(torch.isfinite(torch.tensor(v)) for v in [results["held_out_after"]["loss"]])
+    info = json.loads((tmp_path / "run" / "tunelab.json").read_text())
+    assert info["base_quantization"] == {"format": "nf4", "block_size": 64, "dtype": "float32"}
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
+
+    ours, _, _ = load_run(tmp_path / "run")  # rebuilt on the NF4 base it was trained on
+    assert isinstance(ours.model.layers[0].mlp.down_proj.base_layer, NF4Linear)
+    assert ours.model.layers[0].mlp.down_proj.lora_B.weight.abs().sum() > 0  # training moved the adapter
+    with torch.no_grad():
+        on_quantized = ours(input_ids=IDS).logits
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=IDS).logits, on_quantized, atol=1e-4)
+    meta = json.loads((tmp_path / "merged" / "tunelab.json").read_text())
+    assert meta["base_quantization"]["format"] == "nf4" and "dequantized" in meta["merged_into"]
+    assert merged.config.tunelab_merged_into_dequantized_base["format"] == "nf4"
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"train.method": "full"}, "model.quantize=nf4 .*needs train.method=lora"),
+    ({"distributed.strategy": "fsdp"}, "model.quantize=nf4 is not supported with distributed.strategy=fsdp"),
+    ({"distributed.strategy": "ddp"}, "model.quantize=nf4 is not supported with distributed.strategy=ddp"),
+    ({"train.compile": True}, "model.quantize=nf4 is not supported with train.compile"),
+])
+def test_quantize_combinations_the_backend_cannot_handle_are_config_errors(tmp_path, overrides, match):
+    with pytest.raises(TunelabError, match=match):
+        validate_config(raw_config(tmp_path, "some/model", **overrides))
+
+
+def test_quantize_under_several_processes_is_an_error_naming_model_quantize(monkeypatch):
+    from tests.conftest import make_tiny_llama
+    from tunelab.recipes.prepare import quantize_base
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TunelabError, match="model.quantize=nf4 is not supported with several processes"):
+        quantize_base(make_tiny_llama(), "nf4")

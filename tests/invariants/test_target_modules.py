@@ -65,3 +65,17 @@ def test_unknown_target_is_a_config_error_before_data_loads(tmp_path):
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
         assert name in out
     assert not (tmp_path / "run").exists()
+
+
+def test_one_unmatched_target_beside_a_matching_one_is_an_error():
+    """A typo next to a correct name (``[q_prj, v_proj]``) used to adapt only v_proj silently (exit 0)."""
+    from tunelab.adapters.lora import find_target_modules
+    from tunelab.errors import ConfigError
+
+    model = make_tiny_llama()
+    with pytest.raises(ConfigError, match=r"\['q_prj'\] in lora.target_modules=.*'q_proj'"):
+        find_target_modules(model, ["q_prj", "v_proj"])
+    with pytest.raises(ConfigError, match="q_prj"):
+        inject_lora(copy.deepcopy(model), ["q_prj", "v_proj"], r=2, alpha=4)
+    assert all(n.endswith(("q_proj", "v_proj")) for n in find_target_modules(model, ["q_proj", "v_proj"]))
+    assert any(n.endswith("lm_head") for n in find_target_modules(model, ["re:.*_proj", "lm_head"]))

@@ -140,7 +140,9 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
         exclude: module names (and their children) never adapted, e.g. a head in ``modules_to_save``.
 
     Raises:
-        ConfigError: nothing matches (the message lists the model's linear-module names).
+        ConfigError: an entry of ``target_modules`` matches no adaptable linear layer (a typo next to a
+            correct name would otherwise silently adapt fewer layers); the message names the entries
+            and lists the model's linear-module names.
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -151,9 +153,12 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
             continue
         if target_modules == "all-linear" or any(_matches(name, t) for t in target_modules):
             names.append(name)
-    if not names:
-        raise ConfigError(f"lora.target_modules={target_modules!r} matches no linear layer of the model; its "
-                          f"linear-module names are {linear_module_names(model)}")
+    unmatched = [] if target_modules == "all-linear" else [
+        t for t in target_modules if not any(_matches(name, t) for name in names)]
+    if not names or unmatched:
+        which = f"{unmatched!r} in " if names else ""
+        raise ConfigError(f"{which}lora.target_modules={target_modules!r} matches no linear layer of the model; "
+                          f"its linear-module names are {linear_module_names(model)}")
     return names
 
 

@@ -143,7 +143,7 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
     records = load_records(DataSource(path=data, name=name, split=split))[:limit]
     if not records:
         raise TunelabError(f"{data}: no records")
-    fmt = detect_format(records[0], {})
+    fmt = detect_format(records[0], {}, where=f"{data} record #1")
     items = []
     for i, record in enumerate(records, start=1):
         messages = to_example(record, fmt, {}, where=f"{data} record #{i}").get("messages")

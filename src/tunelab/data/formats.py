@@ -17,6 +17,8 @@ Formats (``data.format``):
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Any
 
 from tunelab.data.sources import present_fields
@@ -38,11 +40,12 @@ SHAREGPT_ROLES = {
 ROLES = ("system", "user", "assistant")
 
 
-def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
-    """Guess the format from the fields of one record.
+def detect_format(record: dict[str, Any], columns: dict[str, str], where: str = "") -> str:
+    """Guess the format from the fields of one record (``where`` names it in errors: file and record).
 
     Raises:
-        DataError: no known format's fields are present.
+        DataError: no known format's fields are present (the message names ``where`` and suggests the
+            closest known field for a misspelled one).
     """
     fields = set(present_fields(record))
     has = {name: columns.get(name, name) in fields for name in ("messages", "conversations", "instruction",
@@ -60,9 +63,12 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
         return "prompt_completion"
     if has["text"]:
         return "text"
+    known = [columns.get(name, name) for name in has]
+    close = {f: difflib.get_close_matches(f, known, n=1) for f in sorted(fields)}
+    hint = "".join(f" ({f!r}: did you mean {m[0]!r}?)" for f, m in close.items() if m)
     raise DataError(
-        f"cannot detect the data format from fields {sorted(fields)}; set data.format to one of "
-        f"{sorted(REQUIRED_FIELDS)} and map your columns with data.columns"
+        f"{where + ': ' if where else ''}cannot detect the data format from fields {sorted(fields)}{hint}; "
+        f"set data.format to one of {sorted(REQUIRED_FIELDS)} and map your columns with data.columns"
     )
 
 

@@ -32,7 +32,7 @@ def load_canonical(source: DataSource, cfg: DataConfig, limit: int | None = None
         records = records[:limit]
     if not records:
         raise DataError(f"{source.path} (split {source.split!r}, name {source.name!r}): no records")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], cfg.columns)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], cfg.columns, where=f"{source.path} record #1")
     examples = []
     for i, record in enumerate(records, start=1):
         examples.append(to_example(record, fmt, cfg.columns, where=f"{source.path} record #{i}"))

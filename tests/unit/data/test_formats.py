@@ -149,3 +149,16 @@ def test_builtin_chatterbot_splits_by_question():
     train_q = {r["messages"][0]["content"] for r in train}
     held_q = {r["messages"][0]["content"] for r in held}
     assert train and held and not (train_q & held_q)
+
+
+def test_undetectable_format_names_the_file_and_the_close_field(tmp_path):
+    """A misspelled key ({"mesages": ...}) used to give an error that named neither file nor record."""
+    from tunelab.config.schema import DataConfig, DataSource
+    from tunelab.data.pipeline import load_canonical
+    from tunelab.errors import DataError
+
+    path = tmp_path / "typo.jsonl"
+    path.write_text('{"mesages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    source = DataSource(path=str(path))
+    with pytest.raises(DataError, match=r"typo\.jsonl record #1: cannot detect.*'mesages': did you mean 'messages'"):
+        load_canonical(source, DataConfig(train=source))

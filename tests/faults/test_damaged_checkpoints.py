@@ -54,6 +54,10 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes_exact
     err = capsys.readouterr().err
     assert "step-000006" in err and name in err and "damaged" in err
     assert f"resuming from {out / 'checkpoints' / 'step-000004'}" in err
+    # The damaged step-6 is kept aside, not as a step-* checkpoint that keep_last would count (tester finding:
+    # it took a rotation slot and an intact checkpoint was deleted in its place).
+    assert (out / "checkpoints" / "damaged-step-000006").is_dir()
+    assert not (out / "checkpoints" / "step-000006").exists()
     assert_same_run(train_tiny(out, resume=True), uninterrupted)
 
 

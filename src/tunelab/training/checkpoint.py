@@ -170,7 +170,7 @@ def clear_checkpoints(output_dir: Path) -> int:
     if not root.is_dir():
         return 0
     old = list_checkpoints(output_dir)
-    for path in old + [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))]:
+    for path in old + [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-", "damaged-"))]:
         shutil.rmtree(path, ignore_errors=True)
     return len(old)
 

@@ -93,6 +93,7 @@ def resume_checkpoint(output_dir: Path, say: Callable[[str], None] = _warn) -> P
         problems = manifest_problems(path)
         if not problems:
             if damaged:
+                _set_aside(candidates[candidates.index(path) + 1:], say)
                 say(f"resuming from {path}, the newest intact checkpoint")
             return path
         damaged.append(f"{path.name}: {'; '.join(problems)}")
@@ -177,3 +178,21 @@ def check_resumed_config(checkpoint: Path, config_yaml: str, say: Callable[[str]
             f"{saved}), or start a new run in another output_dir")
     if allowed:
         say("resume: config changed since the checkpoint (takes effect now): " + "; ".join(allowed))
+
+
+DAMAGED_PREFIX = "damaged-"
+
+
+def _set_aside(damaged: list[Path], say: Callable[[str], None]) -> None:
+    """Rename checkpoints newer than the one resumed to ``damaged-step-N`` beside them: kept for a look
+    (tunelab deletes nothing it cannot vouch for), but no longer a ``step-*`` checkpoint, so rotation
+    (``train.keep_last``) does not count them and delete intact ones in their place, and the resumed run
+    can write its own ``step-N`` again. ``--overwrite`` removes them with the other checkpoints."""
+    for path in damaged:
+        target = path.with_name(DAMAGED_PREFIX + path.name)
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{DAMAGED_PREFIX}{n}-{path.name}")
+        path.rename(target)
+        say(f"moved the damaged {path.name} aside to {target} (kept; not counted by train.keep_last)")

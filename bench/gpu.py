@@ -88,26 +88,13 @@ def summarize(name, step_s, real, sup, losses, peak_gib, n, method, extra=None):
     return row
 
 
-def run_peer(examples_per_step, mode, method, args, cfg, device):
-    from peft import LoraConfig, get_peft_model
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerFast, Trainer,
-                              TrainerCallback, TrainingArguments)
+def train_peer(model, dataset, collator, batch_size: int, steps: int, device, seed: int,
+               out_dir: str) -> tuple[list[float], list[float]]:
+    """Train ``model`` with HF Trainer as the peer stack does (same example order as tunelab: no shuffling;
+    AdamW 2e-4 constant, clip 1.0, bf16 autocast on CUDA); returns the per-step seconds and logged losses."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model = build_model(cfg, method, device, args.seed, args.attn)
-    if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-    flat = [ex for step in examples_per_step for ex in step]
-    dataset = [{"input_ids": ids, "labels": labs} for ids, labs in flat]
-    if mode == "padding":
-        from tokenizers import Tokenizer, models
-
-        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-                                      pad_token="<pad>")
-        inner = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    else:
-        inner = DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_tensors="pt")
-
-    class Sequential(Trainer):  # same example order as tunelab: no shuffling
+    class Sequential(Trainer):
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
@@ -126,14 +113,37 @@ def run_peer(examples_per_step, mode, method, args, cfg, device):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    targs = TrainingArguments(output_dir="/tmp/peer-out", per_device_train_batch_size=len(examples_per_step[0]),
-                              max_steps=len(examples_per_step), learning_rate=2e-4, logging_steps=1, report_to=[],
-                              save_strategy="no", bf16=device.type == "cuda", use_cpu=device.type != "cuda",
-                              dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0,
-                              max_grad_norm=1.0, remove_unused_columns=False, disable_tqdm=True, seed=args.seed)
+    targs = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size, max_steps=steps,
+                              learning_rate=2e-4, logging_steps=1, report_to=[], save_strategy="no",
+                              bf16=device.type == "cuda", use_cpu=device.type != "cuda", dataloader_num_workers=0,
+                              lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                              remove_unused_columns=False, disable_tqdm=True, seed=seed)
+    Sequential(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[Meter()]).train()
+    return times, losses
+
+
+def run_peer(examples_per_step, mode, method, args, cfg, device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerFast
+
+    model = build_model(cfg, method, device, args.seed, args.attn)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    flat = [ex for step in examples_per_step for ex in step]
+    dataset = [{"input_ids": ids, "labels": labs} for ids, labs in flat]
+    if mode == "padding":
+        from tokenizers import Tokenizer, models
+
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                      pad_token="<pad>")
+        inner = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    else:
+        inner = DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_tensors="pt")
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    Sequential(model=model, args=targs, train_dataset=dataset, data_collator=inner, callbacks=[Meter()]).train()
+    times, losses = train_peer(model, dataset, inner, len(examples_per_step[0]), len(examples_per_step), device,
+                               args.seed, "/tmp/peer-out")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     real = [sum(len(i) for i, _ in s) for s in examples_per_step]
     sup = [sum(sum(1 for x in l[1:] if x != IGNORE_INDEX) for _, l in s) for s in examples_per_step]

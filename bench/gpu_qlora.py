@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.gpu import IGNORE_INDEX, make_examples, model_config, n_params, summarize, sync, table
+from bench.gpu import IGNORE_INDEX, make_examples, model_config, n_params, summarize, sync, table, train_peer
 
 
 def build_bf16_model(cfg, device: torch.device, seed: int, attn: str):
@@ -43,8 +43,7 @@ def run_peer_bnb(examples_per_step, args, cfg, device) -> dict:
     if device.type != "cuda":
         raise RuntimeError("the peer (bitsandbytes 4-bit) needs CUDA; skipped in --tiny/CPU runs")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening
 
     with tempfile.TemporaryDirectory(prefix="gpu-qlora-") as tmp:
         build_bf16_model(cfg, device, args.seed, args.attn).save_pretrained(tmp)
@@ -58,33 +57,10 @@ def run_peer_bnb(examples_per_step, args, cfg, device) -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     dataset = [{"input_ids": ids, "labels": labs} for step in examples_per_step for ids, labs in step]
-    times, losses = [], []
-
-    class Sequential(Trainer):  # same example order as tunelab: no shuffling
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    class Meter(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync(device)
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync(device)
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, a, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    targs = TrainingArguments(output_dir="/tmp/peer-qlora-out", per_device_train_batch_size=len(examples_per_step[0]),
-                              max_steps=len(examples_per_step), learning_rate=2e-4, logging_steps=1, report_to=[],
-                              save_strategy="no", bf16=True, dataloader_num_workers=0, lr_scheduler_type="constant",
-                              warmup_steps=0, max_grad_norm=1.0, remove_unused_columns=False, disable_tqdm=True,
-                              seed=args.seed)
     torch.cuda.reset_peak_memory_stats()
     collator = DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_tensors="pt")
-    Sequential(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[Meter()]).train()
+    times, losses = train_peer(model, dataset, collator, len(examples_per_step[0]), len(examples_per_step), device,
+                               args.seed, "/tmp/peer-qlora-out")
     peak = torch.cuda.max_memory_allocated() / 2**30
     n = n_params(model)
     del model

@@ -221,14 +221,9 @@ def main() -> None:
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted ``tunelab ARGV``: the same arguments with
     ``--resume`` instead of ``--overwrite``/``--resume-from PATH``/``--resume``, shell-quoted."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume-from":
-            skip = True
-        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--resume-from="):
-            kept.append(arg)
+    from tunelab.training.distributed import strip_options
+
+    kept = strip_options(argv, flags=("--overwrite", "--resume"), with_value=("--resume-from",))
     return shlex.join(["tunelab", *kept, "--resume"])
 
 

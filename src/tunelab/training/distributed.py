@@ -59,6 +59,19 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def strip_options(argv: list[str], *, flags: tuple[str, ...] = (), with_value: tuple[str, ...] = ()) -> list[str]:
+    """``argv`` without the options named: ``flags`` alone, ``with_value`` as ``--opt VALUE`` or ``--opt=VALUE``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in with_value:
+            skip = True
+        elif arg not in flags and not arg.startswith(tuple(f"{o}=" for o in with_value)):
+            kept.append(arg)
+    return kept
+
+
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``tunelab <argv>`` (without its ``--nproc`` option) as ``nproc`` processes on this machine.
 
@@ -70,14 +83,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     """
     if "LOCAL_RANK" in os.environ:
         raise TunelabError("--nproc starts torchrun itself; under torchrun, drop --nproc")
-    args, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
+    args = strip_options(argv, with_value=("--nproc",))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tunelab", *args]
     return _wait_relaying_sigterm(subprocess.Popen(cmd))

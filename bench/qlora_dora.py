@@ -117,6 +117,31 @@ def nf4_memory_count() -> dict:
             "model_with_nf4_linears_gib": (nf4 + rest) / GIB, "model_ratio": (nf4 + rest) / (bf16 + rest)}
 
 
+def dequant_speed(threads: int, repeats: int = 20) -> dict:
+    """Seconds per dequantization of SmolLM2's NF4 weight shapes: tunelab's table gather vs torchao's
+    ``get_original_weight`` (the backing for the speed note in ``tunelab.quant.nf4``); checks they are equal."""
+    import torch
+
+    from tunelab.quant.nf4 import dequantize_nf4, quantize_weight
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:  # q/o, k/v, gate/up, down
+        nf4 = quantize_weight(torch.randn(*shape, generator=gen) * 0.02)
+        assert torch.equal(dequantize_nf4(nf4), nf4.get_original_weight())
+        timed = {}
+        for name, fn in (("tunelab", lambda: dequantize_nf4(nf4)), ("torchao", nf4.get_original_weight)):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            timed[name] = (time.perf_counter() - t0) / repeats
+        rows.append({"shape": list(shape), "tunelab_s": timed["tunelab"], "torchao_s": timed["torchao"],
+                     "speedup": timed["torchao"] / timed["tunelab"]})
+    return {"kind": "dequant", "threads": threads, "repeats": repeats, "rows": rows}
+
+
 def _child(kind: str, kwargs: dict) -> dict:
     """One setting; adds the machine's 1-minute load average before and after (shared-machine contention)."""
     load_before = os.getloadavg()[0]
@@ -238,7 +263,7 @@ def main(argv=None) -> int:
         emit_json_result(_child, argv[1], json.loads(argv[2]))
         return 0
     ap = argparse.ArgumentParser(description="LoRA vs QLoRA vs DoRA (tunelab) vs PEFT LoRA/DoRA")
-    ap.add_argument("target", choices=["cpu", "memory"])
+    ap.add_argument("target", choices=["cpu", "memory", "dequant"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=None)
@@ -251,6 +276,9 @@ def main(argv=None) -> int:
     cmd = " ".join(["python -m bench.qlora_dora", *argv])
     if args.target == "memory":
         results = [nf4_memory_count()]
+        print(json.dumps(results[0], indent=1))
+    elif args.target == "dequant":
+        results = [dequant_speed(args.threads)]
         print(json.dumps(results[0], indent=1))
     else:
         results = run_cpu(args)

@@ -71,8 +71,8 @@ def dequantize_nf4(weight: torch.Tensor) -> torch.Tensor:
 
     Bit-identical to torchao's ``get_original_weight`` (same arithmetic in the same dtype) but one
     gather per byte from a 256-entry table of level pairs instead of two per-element gathers, a
-    stack and a transpose (~20× faster on CPU), which is what makes QLoRA's per-step dequantization
-    affordable there. Absmaxes: ``int8 / group_factor + mean`` (double quantization undone).
+    stack and a transpose: 1.5–2.4× faster on SmolLM2's shapes on a 2-core CPU
+    (``python -m bench.qlora_dora dequant``, bench/results/nf4_dequant_speed.json). Absmaxes: ``int8 / group_factor + mean`` (double quantization undone).
     """
     levels = weight.nf4
     pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte b → (q[b >> 4], q[b & 15])

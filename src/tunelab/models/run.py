@@ -54,7 +54,7 @@ def save_run(
         else:
             if causal:
                 stop_ids = apply_stop_ids(model, tokenizer)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=whole_state_dict(model))
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
@@ -71,6 +71,19 @@ def save_run(
         shutil.rmtree(tmp, ignore_errors=True)
     if stop_ids:
         log_stop_ids(console, output_dir, tokenizer, stop_ids)
+
+
+def whole_state_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.state_dict()``'s keys with the tensors the module holds right now.
+
+    The same as ``state_dict()`` for a plain model; under FSDP2 inside
+    :meth:`tunelab.training.distributed.Runtime.full_weights` the module holds the gathered whole tensors,
+    while ``state_dict()`` would hand the sharded ``DTensor`` s to the writer (whose gathering is
+    collective, so rank 0 saving alone would wait forever).
+    """
+    held = dict(model.named_parameters(remove_duplicate=False))
+    held.update(model.named_buffers(remove_duplicate=False))
+    return {key: held.get(key, value) for key, value in model.state_dict().items()}
 
 
 def log_stop_ids(console: Any, where: Path, tokenizer: Any, stop_ids: list[int]) -> None:

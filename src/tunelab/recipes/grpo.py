@@ -29,7 +29,7 @@ from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
 from tunelab.losses.advantages import grpo_advantages, masked_mean, masked_sums, std_from_sums
 from tunelab.losses.ppo import grpo_loss
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import start_rl_run
 from tunelab.rollout.checkpoints import RLCheckpoints
@@ -87,13 +87,14 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
             checkpoints.after_step(step + 1, steps)
         checkpoints.finish(steps)
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
     with runtime.full_weights():  # FSDP: the whole policy on every rank to generate and save
         after = held_out_rewards(session, config) if session.held_out else None
         results = {**rl_results(session, before, after, steps, started), "scale_rewards": rl.scale_rewards,
                    "kl_estimator": rl.resolved_kl_estimator("grpo"), "world_size": runtime.world_size}
         if runtime.is_main:
             save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=dump_config(config), results=results)
+                     config_yaml=dump_config(config), results=results, state_dict=weights)
     if runtime.is_main:
         plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"GRPO {config.model.name_or_path}",
                           (before["reward"], after["reward"]) if before and after else None, steps)

@@ -80,7 +80,7 @@ def whole_state_dict(model: nn.Module) -> dict[str, Any] | None:
     """The whole ``state_dict`` of a model whose parameters may be FSDP2 ``DTensor`` shards.
 
     Collective when sharded: every rank calls it (outside ``Runtime.full_weights``); rank 0 gets the
-    gathered tensors (on the CPU), the other ranks an empty dict. A plain model (one process, DDP) gets
+    gathered tensors (on the CPU) without the aliases of tied weights, the other ranks an empty dict. A plain model (one process, DDP) gets
     None: :func:`save_run` then saves ``model.state_dict()`` as usual.
     """
     from torch.distributed.tensor import DTensor
@@ -89,7 +89,11 @@ def whole_state_dict(model: nn.Module) -> dict[str, Any] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # gathered copies no longer share storage, so drop the aliases of tied weights (e.g. lm_head.weight tied
+    # to the embeddings) as save_pretrained does for the model's own shared tensors
+    aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    return {k: v for k, v in whole.items() if k not in aliases}
 
 
 def log_stop_ids(console: Any, where: Path, tokenizer: Any, stop_ids: list[int]) -> None:

@@ -113,7 +113,7 @@ class Launcher:
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "tunelab", "train", str(config_path), *items]
             command += ["--resume"] if resume else (["--overwrite"] if overwrite else [])
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}  # unbuffered, tables unwrapped
             with log.open("w") as out:
                 process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True, env=env)

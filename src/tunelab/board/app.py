@@ -21,11 +21,21 @@ RUN_COLUMNS = ["name", "task", "base_model", "method", "status", "steps", "wall_
 RUN_HEADERS = ["run", "task", "base model", "method", "status", "steps", "wall time", "held-out metric", "best (@ step)"]
 
 
+def _gradio():
+    """Gradio, imported with its usage analytics off (a local board reports nothing anywhere)."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio
+
+    return gradio
+
+
 def _user_errors(fn: Callable) -> Callable:
     """Show a :class:`TunelabError` as the page's error message (no traceback)."""
     import inspect
 
-    import gradio as gr
+    gr = _gradio()
 
     if inspect.isgeneratorfunction(fn):
         @wraps(fn)
@@ -104,7 +114,7 @@ def _is_classifier_run(path: Path) -> bool:
 
 def build_board(runs_dir: Path, refresh_s: float = 2.0):
     """The Gradio app (a ``gr.Blocks``) over ``runs_dir``; ``refresh_s`` = seconds between live updates."""
-    import gradio as gr
+    gr = _gradio()
 
     board = Board(runs_dir)
     with gr.Blocks(title="tunelab board") as demo:

@@ -150,3 +150,22 @@ def test_launch_refuses_configs_and_run_names_outside_the_runs_directory(tmp_pat
     with pytest.raises(TunelabError, match="unknown key 'train.lrr'"):
         launcher.start(str(inside_config), "x", "train.lrr=1")
     assert launcher.launches == {} and not (root / "x").exists()
+
+
+def test_watching_a_run_never_takes_its_lock_or_writes_into_it(tmp_path, monkeypatch):
+    """Probing the flock would hold it for an instant and could refuse a ``train`` starting then: the board's
+    readers must not touch it, nor write anything into a run."""
+    import filelock
+
+    run = _run(tmp_path, "watched", checkpoint=2, finished=True)
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the board took a lock")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    monkeypatch.setattr(filelock.UnixFileLock, "acquire", refuse, raising=False)
+    runs.summarize(run, tmp_path)
+    runs.MetricsFollower().records(run)
+    compare.config_diff({"w": runs.read_config(run)})
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before

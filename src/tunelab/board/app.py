@@ -196,6 +196,14 @@ def _compare_tab(gr, board: Board) -> None:
                               headers=["prompt", "starting model", *names]))
 
         go.click(run_compare, inputs=[chosen, metric], outputs=[plot, diff, held_out, samples])
+
+        @_user_errors
+        def metrics_of(names, current):
+            found = compare.metric_names([r for n in names or [] for r in board.follower.records(board.run_dir(n))])
+            return gr.update(choices=found or list(compare.MAIN_METRICS), value=current if current in found else
+                             (found[0] if found else current))
+
+        chosen.change(metrics_of, inputs=[chosen, metric], outputs=metric)
         tab.select(lambda: gr.update(choices=board.names()), outputs=chosen)
 
 

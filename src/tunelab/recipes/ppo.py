@@ -26,6 +26,7 @@ over all ranks, so N ranks train like one process with N × the batch (:mod:`tun
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                                 lambda: _loop_state(generator, kl_ctl, moments),
                                 lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments), runtime=runtime)
     first, log = checkpoints.start(resume_from, steps)
-    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop (all ranks after the same step)
+    with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop (all ranks
+        # after the same step); trackers finish
         for step in range(first, steps):
             t0 = time.perf_counter()
             prompts = step_prompts(session, step, tc.batch_size, tc.seed, config.data.shuffle)

@@ -72,7 +72,8 @@ class RLCheckpoints:
                 samples.parent.mkdir(parents=True, exist_ok=True)
                 samples.write_text("")
             self.runtime.barrier()  # no rank writes a checkpoint before the old ones are gone
-            return 0, MetricsLog(metrics) if main else RankLog()
+            return 0, MetricsLog(metrics, report_to=self.cfg.report_to, config_yaml=self.config_yaml) if main \
+                else RankLog()
         check_resumed_config(resume_from, self.config_yaml, say=print if main else lambda _: None)
         self._check_world_size(resume_from)
         base_lrs = list(self.scheduler.base_lrs)  # this run's rates, not the checkpoint's
@@ -89,7 +90,8 @@ class RLCheckpoints:
         if not main:
             return state.step, RankLog()
         MetricsLog(samples, resume_step=state.step)  # drops sample lines past the checkpoint
-        return state.step, MetricsLog(metrics, resume_step=state.step)
+        return state.step, MetricsLog(metrics, resume_step=state.step, report_to=self.cfg.report_to,
+                                      config_yaml=self.config_yaml)
 
     def _check_world_size(self, path: Path) -> None:
         saved = saved_world_size(path)
@@ -134,3 +136,6 @@ class RankLog:
     def read(self) -> list[dict[str, Any]]:
         """Nothing (only rank 0 holds the log)."""
         return []
+
+    def close(self) -> None:
+        """Nothing to finish (rank 0's log reports to the trackers)."""

@@ -99,7 +99,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     results = {**rl_results(session, before, after, steps, started), "kl_estimator": rl.resolved_kl_estimator("ppo")}
     value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
     save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-             config_yaml=dump_config(config), results=results)
+             config_yaml=dump_config(config), results=results, lineage=session.lineage)
     plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
                       (before["reward"], after["reward"]) if before and after else None, steps)
     report_rl(console, results, output_dir)

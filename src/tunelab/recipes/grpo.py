@@ -16,6 +16,7 @@ policy and never refreshed. Checkpoints and ``--resume``: :mod:`tunelab.rollout.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                                 lambda: {"generator": generator.get_state()},
                                 lambda extra: generator.set_state(extra["generator"]))
     first, log = checkpoints.start(resume_from, steps)
-    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop
+    with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop; trackers finish
         for step in range(first, steps):
             t0 = time.perf_counter()
             prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)

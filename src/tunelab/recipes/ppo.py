@@ -22,6 +22,7 @@ policy's trunk (no separate critic model); no score clipping. Checkpoints and ``
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                                 scheduler, tc, dump_config(config), lambda: _loop_state(generator, kl_ctl, moments),
                                 lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments))
     first, log = checkpoints.start(resume_from, steps)
-    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop
+    with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop; trackers finish
         for step in range(first, steps):
             t0 = time.perf_counter()
             prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)

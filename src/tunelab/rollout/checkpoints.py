@@ -56,7 +56,7 @@ class RLCheckpoints:
             clear_checkpoints(self.output_dir)
             samples.parent.mkdir(parents=True, exist_ok=True)
             samples.write_text("")
-            return 0, MetricsLog(metrics)
+            return 0, MetricsLog(metrics, report_to=self.cfg.report_to, config_yaml=self.config_yaml)
         check_resumed_config(resume_from, self.config_yaml, say=print)
         base_lrs = list(self.scheduler.base_lrs)  # this run's rates, not the checkpoint's
         state = load_checkpoint(resume_from, self.trainable, self.optimizer, self.scheduler)
@@ -70,7 +70,8 @@ class RLCheckpoints:
                                "train further, or use --overwrite to start again")
         self.start_step = state.step
         MetricsLog(samples, resume_step=state.step)  # drops sample lines past the checkpoint
-        return state.step, MetricsLog(metrics, resume_step=state.step)
+        return state.step, MetricsLog(metrics, resume_step=state.step, report_to=self.cfg.report_to,
+                                      config_yaml=self.config_yaml)
 
     def save(self, step: int) -> Path:
         """Write the checkpoint of ``step`` RL steps done."""

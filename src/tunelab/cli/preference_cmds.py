@@ -177,12 +177,8 @@ def write_rejected_pairs(data: str, name: str | None, split: str, out: Path, mod
 
 
 def _load_generator(model_ref: str) -> tuple[Any, Any]:
-    from tunelab.adapters.lora import merge_lora
-    from tunelab.models.loading import load_model, load_tokenizer
-    from tunelab.models.run import load_run
+    """Model and tokenizer to generate with: an alias, model directory, or a finished run (a LoRA run merged
+    into its base, recursively: :func:`tunelab.models.run.load_weights`)."""
+    from tunelab.models.run import load_start_tokenizer, load_weights
 
-    path = Path(model_ref)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        model, tokenizer, _ = load_run(path)
-        return merge_lora(model), tokenizer
-    return load_model(model_ref).eval(), load_tokenizer(model_ref)
+    return load_weights(model_ref).eval(), load_start_tokenizer(model_ref)

@@ -24,7 +24,8 @@ class ModelConfig(StrictModel):
 
     name_or_path: str = Field(
         description="Built-in alias (smollm2-135m-instruct, all-minilm-l6-v2), local HF directory, "
-        "path to a .gguf file, or a hub id written owner/name."
+        "path to a .gguf file, a hub id written owner/name, or an earlier finished causal-LM tunelab run "
+        "directory (stage chaining: its weights, a LoRA run merged into its base)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo.")

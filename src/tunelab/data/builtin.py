@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "drugreview-pairs": "tunelab.data.builtin_drugreview_pairs:load_drugreview_pairs",
     "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
     "qa-feedback": "tunelab.data.builtin_qa_feedback:load_qa_feedback",
+    "summeval-pairs": "tunelab.data.builtin_summeval:load_summeval_pairs",
 }
 VALIDATION_PERCENT = 15
 

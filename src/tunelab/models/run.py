@@ -20,25 +20,31 @@ from typing import Any
 from torch import nn
 
 from tunelab import __version__
+import torch
+
+from tunelab.adapters.lora import merge_lora
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError
 from tunelab.quant.nf4 import quantization_record, requantize_from_record
+from tunelab.models.lineage import RUN_INFO, check_lineage, read_run_info, run_directory  # noqa: F401 (re-exported)
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model_path
 from tunelab.models.stop_config import apply_stop_ids, describe_stop_ids, write_generation_config
 from tunelab.training.outputs import atomic_dir
 
-RUN_INFO = "tunelab.json"
 
 
 def save_run(
     output_dir: Path, model: nn.Module, tokenizer: Any, *, method: str, base_model: str, config_yaml: str,
     results: dict[str, Any], task_type: str = "CAUSAL_LM", modules_to_save: list[str] = (),
-    console: Any = None, state_dict: dict[str, Any] | None = None,
+    console: Any = None, state_dict: dict[str, Any] | None = None, lineage: list[dict[str, Any]] = (),
 ) -> None:
     """Write the final model and run files; each file is written aside and renamed into place.
 
     ``state_dict``: the full weights to save for a non-LoRA ``method`` when ``model`` holds FSDP shards
     (:func:`whole_state_dict`, gathered on every rank beforehand); None saves ``model.state_dict()``.
+
+    ``lineage`` (:func:`tunelab.models.lineage.start_lineage`) lists the earlier runs the model started
+    from; it is kept in ``tunelab.json`` with the run's ``task`` (read from ``config_yaml``).
 
     A causal LM's stop ids (EOS + the template's end-of-turn tokens) go into ``generation_config.json``
     (and, for full weights, ``config.json``'s ``eos_token_id``); the line saying so is printed on
@@ -60,8 +66,9 @@ def save_run(
             model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
-        info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
-                "base_model_path": base_path, "task_type": task_type, "stop_ids": stop_ids, "results": results}
+        info = {"tunelab_version": __version__, "task": _task(config_yaml), "method": method, "base_model": base_model,
+                "base_model_path": base_path, "task_type": task_type, "stop_ids": stop_ids, "results": results,
+                "lineage": list(lineage)}
         if method == "lora" and quantization_record(model):
             info["base_quantization"] = quantization_record(model)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
@@ -96,28 +103,19 @@ def whole_state_dict(model: nn.Module) -> dict[str, Any] | None:
     return {k: v for k, v in whole.items() if k not in aliases}
 
 
+def _task(config_yaml: str) -> str | None:
+    import yaml
+
+    loaded = yaml.safe_load(config_yaml) if config_yaml else None
+    return loaded.get("task") if isinstance(loaded, dict) else None
+
+
 def log_stop_ids(console: Any, where: Path, tokenizer: Any, stop_ids: list[int]) -> None:
     """Print which stop ids were written into ``where``'s ``generation_config.json``."""
     from rich.console import Console
 
     (console or Console()).print(f"[bold]stop ids[/] {where}/generation_config.json eos_token_id = "
                                  f"{describe_stop_ids(tokenizer, stop_ids)}", highlight=False)
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """``tunelab.json`` of a run, or a synthetic one for a plain HF/PEFT directory."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_INFO
-    if path.is_file():
-        return json.loads(path.read_text())
-    if (run_dir / "adapter_config.json").is_file():
-        config = json.loads((run_dir / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        return {"method": "lora", "base_model": base, "base_model_path": base,
-                "task_type": config.get("task_type") or "CAUSAL_LM"}
-    if (run_dir / "config.json").is_file():
-        return {"method": "full", "base_model": str(run_dir)}
-    raise ModelLoadError(f"{run_dir} is not a tunelab run, a PEFT adapter or a model directory")
 
 
 def saved_head_outputs(run_dir: Path) -> int:
@@ -193,11 +191,95 @@ def saved_embedding_rows(run_dir: Path, model: nn.Module) -> int | None:
     return None
 
 
+def base_reference(info: dict[str, Any]) -> str:
+    """The base model of a LoRA run: its recorded local path, or its original reference (an alias or hub
+    id) where that path does not exist on this machine (e.g. a GGUF conversion cache)."""
+    base = info.get("base_model_path")
+    if not base or (Path(base).is_absolute() and not Path(base).exists()):
+        base = info["base_model"]
+    return base
+
+
+def config_reference(reference: str) -> str:
+    """Where ``reference``'s ``config.json`` lives: an earlier LoRA run's (recursively) base, else itself.
+
+    Raises:
+        ModelLoadError: a checkpoint or unfinished run (:func:`tunelab.models.lineage.run_directory`).
+    """
+    run_dir = run_directory(reference)
+    if run_dir is not None and read_run_info(run_dir)["method"] == "lora":
+        return config_reference(base_reference(read_run_info(run_dir)))
+    return str(reference)
+
+
+def load_start_tokenizer(reference: str, **kwargs: Any) -> Any:
+    """The tokenizer a run starting from ``reference`` uses: an earlier run's own (added tokens and chat
+    template included), that of its base where the run folder has none (a bare PEFT adapter), else
+    :func:`tunelab.models.loading.load_tokenizer`'s."""
+    run_dir = run_directory(reference)
+    if run_dir is not None and not has_tokenizer_files(run_dir):
+        return load_start_tokenizer(base_reference(read_run_info(run_dir)), **kwargs)
+    return load_tokenizer(str(reference), **kwargs)
+
+
+def load_weights(reference: str, auto_class: Any = None, **kwargs: Any) -> Any:
+    """Load ``reference`` as plain weights, following earlier runs (stage chaining, :mod:`tunelab.models.lineage`).
+
+    A finished full/freeze run loads its own weights; a LoRA run (or PEFT folder) loads its base (again
+    through this function, so a chain of runs resolves recursively), its adapter on top (a QLoRA
+    adapter on the NF4 base rebuilt from its record) and merges it: the result is a plain model whose
+    logits equal the earlier run's. Anything else goes to :func:`tunelab.models.loading.load_model`.
+    The merge runs in float32; the model is then cast to ``dtype``.
+
+    Args:
+        auto_class, kwargs: as for :func:`tunelab.models.loading.load_model` (``output_loading_info``
+            returns the innermost load's info: the keys missing from the first base).
+
+    Raises:
+        ModelLoadError: a checkpoint, an unfinished run, a base run changed since the adapter was
+            trained, or anything ``load_model`` refuses.
+    """
+    run_dir = run_directory(reference)
+    if run_dir is None:
+        return load_model(str(reference), auto_class, **kwargs)
+    info = read_run_info(run_dir)
+    if info["method"] != "lora":
+        return load_model(str(run_dir), auto_class, **kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    dtype = kwargs.pop("dtype", torch.float32)
+    model, tokenizer = _adapter_run(run_dir, info, auto_class, output_loading_info=want_info, **kwargs)
+    loading = None
+    if want_info:
+        model, loading = model
+    merge_lora(model)
+    model.to(dtype)
+    return (model, loading) if want_info else model
+
+
+def _adapter_run(run_dir: Path, info: dict[str, Any], auto_class: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """Base (via :func:`load_weights`) + the run's adapter, unmerged, and the run's tokenizer."""
+    base = base_reference(info)
+    base_dir = run_directory(base)
+    if base_dir is not None:
+        check_lineage(run_dir, info, base_dir)
+    # a PEFT folder saved without tokenizer files is served with its base model's tokenizer
+    tokenizer = load_start_tokenizer(str(run_dir) if has_tokenizer_files(run_dir) else base)
+    loaded = load_weights(base, auto_class, **kwargs)
+    model = loaded[0] if kwargs.get("output_loading_info") else loaded
+    fit_embeddings(model, tokenizer, run_dir)
+    if info.get("base_quantization"):  # the adapter was trained on this quantized base: rebuild it
+        config = json.loads((run_dir / "adapter_config.json").read_text())
+        requantize_from_record(model, info["base_quantization"], exclude=list(config.get("modules_to_save") or []))
+    load_adapter(model, run_dir)
+    return loaded, tokenizer
+
+
 def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Model (base + adapter, or full weights), tokenizer and run info of a finished run.
 
     Without ``auto_class`` the run's own ``task_type`` picks it: ``SEQ_CLS`` (classifiers, reward
-    models) loads ``AutoModelForSequenceClassification``, anything else a causal LM.
+    models) loads ``AutoModelForSequenceClassification``, anything else a causal LM. A LoRA run whose
+    base is an earlier run gets that base through :func:`load_weights` (merged, recursively).
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -206,24 +288,12 @@ def load_run(run_dir: str | Path, auto_class: Any = None, **kwargs: Any) -> tupl
 
         auto_class = AutoModelForSequenceClassification
     if info["method"] == "lora":
-        # The recorded local path (e.g. a GGUF conversion cache) may not exist on this machine; the
-        # base model's original reference (an alias or hub id) is resolved here instead.
-        base = info.get("base_model_path")
-        if not base or (Path(base).is_absolute() and not Path(base).exists()):
-            base = info["base_model"]
-        # a PEFT folder saved without tokenizer files is served with its base model's tokenizer
-        tokenizer = load_tokenizer(str(run_dir) if has_tokenizer_files(run_dir) else base)
         if info.get("task_type") == "SEQ_CLS":
             if "num_labels" not in kwargs:
                 kwargs["num_labels"] = saved_head_outputs(run_dir)
             for key, value in label_maps(info).items():
                 kwargs.setdefault(key, value)
-        model = load_model(base, auto_class, **kwargs)
-        fit_embeddings(model, tokenizer, run_dir)
-        if info.get("base_quantization"):  # the adapter was trained on this quantized base: rebuild it
-            config = json.loads((run_dir / "adapter_config.json").read_text())
-            requantize_from_record(model, info["base_quantization"], exclude=list(config.get("modules_to_save") or []))
-        load_adapter(model, run_dir)
+        model, tokenizer = _adapter_run(run_dir, info, auto_class, **kwargs)
     else:
         tokenizer = load_tokenizer(str(run_dir))
         model = load_model(str(run_dir), auto_class, **kwargs)

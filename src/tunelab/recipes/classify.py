@@ -35,7 +35,8 @@ from tunelab.eval.classification import PER_CLASS, evaluate_classifier, plot_con
 from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
 from tunelab.models.linear_probe import init_head_by_probe
-from tunelab.models.loading import load_model, load_tokenizer
+from tunelab.models.lineage import start_lineage
+from tunelab.models.run import load_start_tokenizer, load_weights
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
     before_training, quantize_base, check_output_dir, count_parameters, seed_everything, setup_trainable,
@@ -61,8 +62,9 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     device = pick_device()
     config_yaml = dump_config(config)
 
-    tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
-                               revision=config.model.revision)
+    lineage = start_lineage(config.model.name_or_path, output_dir)  # an earlier causal-LM run as the start
+    tokenizer = load_start_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+                                     revision=config.model.revision)
     data = prepare_classification_data(config, tokenizer)
     if tc.metric_for_best and not data.validation:
         raise ConfigError(f"train.metric_for_best={tc.metric_for_best} needs held-out data: set data.validation "
@@ -133,7 +135,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     }
     model.train(False)
     save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results, task_type="SEQ_CLS",
+             config_yaml=config_yaml, results=results, task_type="SEQ_CLS", lineage=lineage,
              modules_to_save=head_modules if tc.method == "lora" else [])
     plot_loss_curve(history, output_dir / "loss_curve.png", title=f"classification {config.model.name_or_path}")
     if best and "confusion_matrix" in best:
@@ -154,7 +156,7 @@ def load_classifier(config: Config, labels: LabelSpace, tokenizer: Any) -> tuple
     from transformers import AutoModelForSequenceClassification
 
     mc = config.model
-    model, info = load_model(
+    model, info = load_weights(
         mc.name_or_path, AutoModelForSequenceClassification, trust_remote_code=mc.trust_remote_code,
         allow_pickle=mc.allow_pickle, revision=mc.revision, attn_implementation=mc.attn_implementation,
         id2label=labels.id2label, label2id=labels.label2id,

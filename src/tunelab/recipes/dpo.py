@@ -6,10 +6,11 @@ pairs → ``[chosen; rejected]`` batch (padded or packed) → ONE policy forward
 log-probs per side → reference log-probs (adapters off / frozen copy / precomputed, eval mode)
 → pure loss from :mod:`tunelab.losses.preference` → AdamW step.
 
-Starting from an SFT LoRA run directory (``model.name_or_path: runs/support-assistant``), its
-adapter is merged into the base weights first, so the reference is the SFT model and a fresh
-adapter is trained on top; the result is then saved merged (a full model directory), because a
-run's adapter must sit on a loadable base.
+Starting from an earlier run directory (``model.name_or_path: runs/support-assistant``, stage
+chaining, :mod:`tunelab.models.lineage`), its weights are loaded (a LoRA run's adapter merged into
+its base), so the reference is the SFT model and a fresh adapter is trained on top; the new adapter
+is saved over that run directory as its base (``tunelab.json`` records the lineage) and loads
+merged through it (:func:`tunelab.models.run.load_run`).
 
 Metrics per step and per eval: the loss, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracy`` (implicit rewards, e.g. ``beta (log pi - log ref)``),
@@ -31,7 +32,6 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from tunelab.adapters.lora import merge_lora
 from tunelab.config.load import dump_config
 from tunelab.config.preference import PreferenceConfig
 from tunelab.config.schema import Config
@@ -40,9 +40,9 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.losses.preference import PREFERENCE_LOSSES
 from tunelab.eval.report import print_side_by_side
 from tunelab.models.generate import generate_replies
-from tunelab.models.loading import load_model, load_tokenizer
+from tunelab.models.lineage import start_lineage
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
-from tunelab.models.run import load_run, save_run
+from tunelab.models.run import load_start_tokenizer, load_weights, save_run
 from tunelab.recipes.prepare import (
     before_training, quantize_base, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
@@ -71,7 +71,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     device = pick_device()
     config_yaml = dump_config(config)
 
-    model, tokenizer, from_adapter = load_start_model(config, weights_dtype(config, device))
+    model, tokenizer, lineage = load_start_model(config, weights_dtype(config, device))
     model.to(device)
     quantize_base(model, config.model.quantize)  # QLoRA: "before", probe, reference see the NF4 base
     if pc.disable_dropout:
@@ -117,7 +117,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
-    _save(model, tokenizer, config, config_yaml, results, merge=from_adapter)
+    _save(model, tokenizer, config, config_yaml, results, lineage)
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"{pc.loss} {config.model.name_or_path}")
     _report(console, results, output_dir)
     return results
@@ -145,33 +145,27 @@ def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[st
 
 
 def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, results: dict[str, Any],
-          merge: bool) -> None:
-    """Save the run; a policy that started from an SFT adapter is saved merged (full weights)."""
+          lineage: list[dict[str, Any]]) -> None:
+    """Save the run (with the lineage of the earlier runs it started from)."""
     model.train(False)
-    method = config.train.method
-    if merge and method == "lora":
-        merge_lora(model)
-        method = "full"
-    save_run(Path(config.output_dir), model, tokenizer, method=method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results)
+    save_run(Path(config.output_dir), model, tokenizer, method=config.train.method,
+             base_model=config.model.name_or_path, config_yaml=config_yaml, results=results, lineage=lineage)
 
 
-def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, bool]:
-    """Model, tokenizer and whether an SFT adapter was merged: a LoRA run directory is loaded as
-    base + adapter and merged; anything else loads through :func:`tunelab.models.loading.load_model`."""
+def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+    """Model, tokenizer and lineage of the start: an earlier run directory loads as its weights (a LoRA
+    run merged into its base, :func:`tunelab.models.run.load_weights`), anything else as a model.
+
+    Raises:
+        ModelLoadError: a checkpoint or unfinished run, or a model that cannot be loaded.
+    """
     mc = config.model
-    path = Path(mc.name_or_path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        model, tokenizer, _ = load_run(path, attn_implementation=mc.attn_implementation, dtype=dtype)
-        merge_lora(model)
-        model.requires_grad_(True)
-        resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
-        return model, tokenizer, True
-    tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    lineage = start_lineage(mc.name_or_path, Path(config.output_dir))
+    tokenizer = load_start_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
     resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
-    model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
-                       revision=mc.revision, attn_implementation=mc.attn_implementation, dtype=dtype)
-    return model, tokenizer, False
+    model = load_weights(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
+                         revision=mc.revision, attn_implementation=mc.attn_implementation, dtype=dtype)
+    return model, tokenizer, lineage
 
 
 def preference_loss(pc: PreferenceConfig, policy: PairLogps,

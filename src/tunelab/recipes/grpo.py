@@ -96,7 +96,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                    "kl_estimator": rl.resolved_kl_estimator("grpo"), "world_size": runtime.world_size}
         if runtime.is_main:
             save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=dump_config(config), results=results, state_dict=weights)
+                     config_yaml=dump_config(config), results=results, state_dict=weights,
+                     lineage=session.lineage)
     if runtime.is_main:
         plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"GRPO {config.model.name_or_path}",
                           (before["reward"], after["reward"]) if before and after else None, steps)

@@ -56,7 +56,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     seed_everything(tc.seed, tc.threads)
     device = pick_device()
     config_yaml = dump_config(config)
-    model, tokenizer, from_adapter = load_start_model(config, weights_dtype(config, device))
+    model, tokenizer, lineage = load_start_model(config, weights_dtype(config, device))
     model.to(device)
     quantize_base(model, config.model.quantize)  # QLoRA: "before", probe, reference see the NF4 base
     if pc.disable_dropout:
@@ -103,7 +103,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
-    _save(model, tokenizer, config, config_yaml, results, merge=from_adapter)
+    _save(model, tokenizer, config, config_yaml, results, lineage)
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"kto {config.model.name_or_path}")
     if after and "pairs" in after:
         _report(console, {**results, "held_out_before": _pair_view(before), "held_out_after": _pair_view(after)},

@@ -113,7 +113,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         if runtime.is_main:
             value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
             save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=dump_config(config), results=results, state_dict=weights)
+                     config_yaml=dump_config(config), results=results, state_dict=weights,
+                     lineage=session.lineage)
     if runtime.is_main:
         plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
                           (before["reward"], after["reward"]) if before and after else None, steps)

@@ -14,6 +14,7 @@ import torch
 from tunelab.adapters.lora import find_target_modules
 from tunelab.config.schema import Config
 from tunelab.models.loading import resolve_model_path
+from tunelab.models.run import config_reference
 
 SEQUENCE_TASKS = ("classification", "reward")
 
@@ -42,7 +43,7 @@ def model_skeleton(config: Config) -> Any:
 
     mc = config.model
     try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(mc.name_or_path), revision=mc.revision,
+        model_config = AutoConfig.from_pretrained(resolve_model_path(config_reference(mc.name_or_path)), revision=mc.revision,
                                                   trust_remote_code=mc.trust_remote_code)
     except (OSError, ValueError):
         return None

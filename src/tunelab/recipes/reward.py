@@ -32,7 +32,8 @@ from tunelab.errors import ConfigError
 from tunelab.losses.reward import bradley_terry_loss
 from tunelab.models.heads import is_decoder_classifier
 from tunelab.models.linear_probe import init_reward_head_by_probe
-from tunelab.models.loading import load_model, load_tokenizer
+from tunelab.models.lineage import start_lineage
+from tunelab.models.run import load_start_tokenizer, load_weights
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
@@ -62,14 +63,15 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     config_yaml = dump_config(config)
 
     mc = config.model
-    tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    lineage = start_lineage(mc.name_or_path, output_dir)  # an earlier causal-LM run as the start (stage chaining)
+    tokenizer = load_start_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
     resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     data = prepare_pairs(config.data, tokenizer, tc.seed, pc.margin_field, pc.margin)
     console.print(f"[bold]data[/] pairs train={data.train_stats.summary()}")
     if data.validation:
         console.print(f"[bold]data[/] pairs held-out={data.validation_stats.summary()}")
 
-    model = load_model(mc.name_or_path, AutoModelForSequenceClassification, num_labels=1,
+    model = load_weights(mc.name_or_path, AutoModelForSequenceClassification, num_labels=1,
                        trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle, revision=mc.revision,
                        attn_implementation=mc.attn_implementation, dtype=weights_dtype(config, device)).to(device)
     if model.config.pad_token_id is None:
@@ -120,7 +122,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "train_seconds": round(time.perf_counter() - started, 1)}
     model.train(False)
     save_run(output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path, config_yaml=config_yaml,
-             results=results, task_type="SEQ_CLS", modules_to_save=saved_modules)
+             results=results, task_type="SEQ_CLS", modules_to_save=saved_modules, lineage=lineage)
     plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)
     return results

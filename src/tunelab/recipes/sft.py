@@ -24,8 +24,8 @@ from tunelab.eval.perplexity import evaluate_lm
 from tunelab.models.attention import VARLEN_ATTENTION
 from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
-from tunelab.models.loading import load_model, load_tokenizer
-from tunelab.models.run import save_run, whole_state_dict
+from tunelab.models.lineage import start_lineage
+from tunelab.models.run import load_start_tokenizer, load_weights, save_run, whole_state_dict
 from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
     before_training, quantize_base, check_output_dir, configure_attention_backends, count_parameters,
@@ -51,8 +51,9 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     device = runtime.device
     config_yaml = dump_config(config)
 
-    tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
-                               revision=config.model.revision)
+    lineage = start_lineage(config.model.name_or_path, output_dir)  # an earlier run as the start (stage chaining)
+    tokenizer = load_start_tokenizer(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+                                     revision=config.model.revision)
     resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
     added = add_special_tokens(tokenizer, config.model.add_special_tokens)
     data = prepare_data(config.data, tokenizer, config.train.seed)
@@ -60,10 +61,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     if data.validation:
         console.print(f"[bold]data[/] held-out={data.validation_stats.summary()}")
 
-    model = load_model(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
-                       allow_pickle=config.model.allow_pickle, revision=config.model.revision,
-                       attn_implementation=config.model.attn_implementation,
-                       dtype=weights_dtype(config, device)).to(device)
+    model = load_weights(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+                         allow_pickle=config.model.allow_pickle, revision=config.model.revision,
+                         attn_implementation=config.model.attn_implementation,
+                         dtype=weights_dtype(config, device)).to(device)
     vocab_modules = resize_for_tokenizer(model, tokenizer, added)
     quantize_base(model, config.model.quantize, exclude=vocab_modules)  # QLoRA: "before", probe, reference see the NF4 base
     if added:
@@ -115,7 +116,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     with runtime.full_weights():
         if runtime.is_main:
             save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=config_yaml, results=results,
+                     config_yaml=config_yaml, results=results, lineage=lineage,
                      modules_to_save=vocab_modules if tc.method == "lora" else [], state_dict=weights)
     if runtime.is_main:
         plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")

@@ -6,6 +6,7 @@ import copy
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 from tunelab.config.schema import Config
 from tunelab.data.stop_tokens import stop_token_ids
 from tunelab.data.templates import resolve_chat_template
-from tunelab.models.loading import load_model, load_tokenizer
+from tunelab.models.lineage import start_lineage
+from tunelab.models.run import load_start_tokenizer, load_weights
 from tunelab.rollout.prompts import Prompt, PromptSet, load_prompts
 from tunelab.rollout.rewards import RewardTerm, build_reward_terms
 from tunelab.training.distributed import Runtime, single_process
@@ -35,6 +37,7 @@ class RLSession:
     terms: list[RewardTerm]
     stop_ids: list[int]
     device: torch.device
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # earlier runs the policy starts from
     runtime: Runtime = field(default_factory=single_process)
     console: Console = field(default_factory=lambda: Console(quiet=True))
 
@@ -47,7 +50,8 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
     train); at most ``rl.eval_prompts`` of them are scored.
     """
     mc, rl = config.model, config.rl
-    tokenizer = load_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    lineage = start_lineage(mc.name_or_path, Path(config.output_dir))  # an earlier run as the start (stage chaining)
+    tokenizer = load_start_tokenizer(mc.name_or_path, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
     resolve_chat_template(tokenizer, mc.chat_template, config.data.system_prompt)
     train = load_prompts(config.data.train, config.data, tokenizer, rl.max_prompt_len, config.data.max_examples)
     held_too_long = 0
@@ -68,12 +72,12 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
     console.print(f"[bold]prompts[/] train {len(train.prompts)} (dropped {train.num_too_long} longer than "
                   f"{rl.max_prompt_len} tokens, {train.num_duplicates} duplicates), held-out {len(held_out)} "
                   f"(dropped {held_too_long} too long, {held_in_train} also in train)")
-    model = load_model(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
-                       revision=mc.revision, attn_implementation=mc.attn_implementation).to(device)
+    model = load_weights(mc.name_or_path, trust_remote_code=mc.trust_remote_code, allow_pickle=mc.allow_pickle,
+                         revision=mc.revision, attn_implementation=mc.attn_implementation).to(device)
     model.eval()
     terms = build_reward_terms(rl.rewards, device)
     return RLSession(model, tokenizer, train, held_out[:rl.eval_prompts], held_too_long, held_in_train, terms,
-                     stop_token_ids(tokenizer), device)
+                     stop_token_ids(tokenizer), device, lineage)
 
 
 def num_rl_steps(config: Config, num_prompts: int, world_size: int = 1) -> int:

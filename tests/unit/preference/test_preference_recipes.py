@@ -94,7 +94,8 @@ def test_dpo_from_an_sft_adapter_run_uses_the_sft_model_as_reference(tmp_path, t
     pairs, _ = tokenize_pairs([to_preference_example(p, {}, "r") for p in PAIRS[7:]], PairTokenizer(tok, 64))
     sft_logps = eval_pair_logps(load_run(tmp_path / "sft")[0], preference_collate(pairs, tok.pad_token_id))
     assert results["held_out_before"]["logps/chosen"] == pytest.approx(sft_logps.chosen.mean().item(), abs=1e-4)
-    assert read_run_info(tmp_path / "run")["method"] == "full"  # SFT + DPO adapters merged
+    info = read_run_info(tmp_path / "run")  # the DPO adapter sits on the SFT run (stage chaining)
+    assert info["method"] == "lora" and info["lineage"][0]["output_dir"] == str((tmp_path / "sft").resolve())
     load_run(tmp_path / "run")
 
 

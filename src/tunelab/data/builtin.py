@@ -29,6 +29,8 @@ BUILTINS: dict[str, str] = {
     "drugreview-pairs": "tunelab.data.builtin_drugreview_pairs:load_drugreview_pairs",
     "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
     "qa-feedback": "tunelab.data.builtin_qa_feedback:load_qa_feedback",
+    "cuad-clauses": "tunelab.data.builtin_cuad:load_cuad_clauses",
+    "cuad-governing-law": "tunelab.data.builtin_cuad:load_cuad_governing_law",
 }
 VALIDATION_PERCENT = 15
 

@@ -253,7 +253,8 @@ def load_model(
         allow_pickle: allow ``.bin`` (pickle) weights; otherwise only safetensors are read.
         attn_implementation: a transformers attention name, ``sdpa_varlen`` (tunelab's per-example
             attention for packed rows, :mod:`tunelab.models.attention`) or ``auto`` (``sdpa_varlen``
-            without CUDA, ``sdpa`` with it).
+            without CUDA, ``sdpa`` with it; ``eager`` for architectures transformers has no SDPA
+            attention for, such as MPNet).
         dtype: parameter dtype (fp32 for training on CPU; keep fp32 master weights).
         kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
@@ -276,18 +277,22 @@ def load_model(
         )
     new_head = "SequenceClassification" in getattr(auto_class, "__name__", "")
     want_info = kwargs.pop("output_loading_info", False)
-    try:
+    def from_pretrained(attention: str) -> Any:
         with _quiet_load_report(new_head):
-            result = auto_class.from_pretrained(
-                path,
-                trust_remote_code=trust_remote_code,
-                revision=revision,
-                use_safetensors=None if allow_pickle else True,
-                attn_implementation=resolve_attn_implementation(attn_implementation),
-                dtype=dtype,
-                output_loading_info=want_info or new_head,
-                **kwargs,
+            return auto_class.from_pretrained(
+                path, trust_remote_code=trust_remote_code, revision=revision,
+                use_safetensors=None if allow_pickle else True, attn_implementation=attention, dtype=dtype,
+                output_loading_info=want_info or new_head, **kwargs,
             )
+
+    try:
+        try:
+            result = from_pretrained(resolve_attn_implementation(attn_implementation))
+        except ValueError as err:
+            # 'auto' picks an SDPA kernel; architectures without SDPA support (e.g. MPNet) get eager attention
+            if attn_implementation != "auto" or "attention implementation" not in str(err):
+                raise
+            result = from_pretrained("eager")
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {err}") from err
     if not new_head:

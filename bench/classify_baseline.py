@@ -92,7 +92,7 @@ def baseline(seed: int = 0, data: str = DATA) -> dict[str, Any]:
             "num_train": len(train), "num_test": len(test),
             "macro_f1": f1_score(gold, pred, average="macro"), "train_seconds": round(seconds, 1),
             "detail": f"best params {search.best_params_}, CV macro-F1 {search.best_score_:.4f} "
-                      f"(grid search incl. refit, {len(train)} train reviews)"}
+                      f"(grid search incl. refit, {len(train)} training examples)"}
 
 
 def train_config(config: str) -> str:

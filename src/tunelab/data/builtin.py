@@ -30,6 +30,8 @@ BUILTINS: dict[str, str] = {
     "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
     "qa-feedback": "tunelab.data.builtin_qa_feedback:load_qa_feedback",
     "summeval-pairs": "tunelab.data.builtin_summeval:load_summeval_pairs",
+    "cuad-clauses": "tunelab.data.builtin_cuad:load_cuad_clauses",
+    "cuad-governing-law": "tunelab.data.builtin_cuad:load_cuad_governing_law",
 }
 VALIDATION_PERCENT = 15
 

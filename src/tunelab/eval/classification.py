@@ -34,15 +34,16 @@ DETAIL_KEYS = (PER_CLASS, "confusion_matrix", "labels")
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: list[dict[str, Any]], device: torch.device,
-                   precision: str = "fp32") -> torch.Tensor:
-    """Head outputs of every example, in batch order: (N, K) float32 on CPU."""
+                   precision: str = "fp32", pooling: str = "model") -> torch.Tensor:
+    """Head outputs of every example, in batch order: (N, K) float32 on CPU (``pooling``: see
+    :func:`tunelab.models.heads.sequence_logits`)."""
     was_training = model.training
     model.eval()
     outputs = []
     for batch in batches:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
         with autocast(precision, device):
-            outputs.append(sequence_logits(model, tensors).float().cpu())
+            outputs.append(sequence_logits(model, tensors, pooling).float().cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
@@ -125,9 +126,10 @@ def _per_class(names, p, r, f, s) -> dict[str, dict[str, float]]:
 
 def evaluate_classifier(model: nn.Module, batches: list[dict[str, Any]], device: torch.device, *,
                         problem_type: str, names: list[str], threshold: float = 0.5,
-                        class_weights: torch.Tensor | None = None, precision: str = "fp32") -> dict[str, Any]:
+                        class_weights: torch.Tensor | None = None, precision: str = "fp32",
+                        pooling: str = "model") -> dict[str, Any]:
     """Loss and metrics of ``model`` on labelled batches (see :func:`classification_metrics`)."""
-    logits = predict_logits(model, batches, device, precision)
+    logits = predict_logits(model, batches, device, precision, pooling)
     targets = torch.cat([b["labels"] for b in batches])
     loss, _ = classification_loss(problem_type, logits, targets, len(targets), class_weights)
     return {"loss": float(loss), **classification_metrics(problem_type, targets.numpy(), logits.numpy(), names,

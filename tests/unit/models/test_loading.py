@@ -77,3 +77,15 @@ def test_an_uncached_hub_id_fails_within_seconds_when_the_hub_cannot_be_reached(
     message = str(err.value)
     assert f"no such local directory ({tmp_path / 'someone/not-cached-model'} relative to the working directory)" \
         in message and "the hub cannot be reached (" in message
+
+
+def test_auto_attention_falls_back_to_eager_for_architectures_without_sdpa(tmp_path):
+    """MPNet (the all-mpnet-base-v2 alias) has no SDPA attention in transformers; 'auto' must still load it."""
+    from transformers import AutoModelForSequenceClassification, MPNetConfig, MPNetModel
+
+    from tunelab.models.loading import load_model
+
+    MPNetModel(MPNetConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2)).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), AutoModelForSequenceClassification, num_labels=3)
+    assert model.config._attn_implementation == "eager"

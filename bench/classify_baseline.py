@@ -30,17 +30,24 @@ RESULTS = Path(__file__).parent / "results" / "classification.md"
 DATA = "builtin:drugreview"
 
 
-def baseline(seed: int = 0) -> dict[str, Any]:
-    """Fit the cross-validated TF-IDF + logistic regression on train; metrics on test."""
+def baseline(seed: int = 0, train: list[dict[str, Any]] | None = None, test: list[dict[str, Any]] | None = None,
+             text_of: Any = None) -> dict[str, Any]:
+    """Fit the cross-validated TF-IDF + logistic regression on train; metrics on test.
+
+    ``train``/``test``: labelled records (default: ``builtin:drugreview`` train/test); ``text_of(record)``
+    gives the text to classify (default: its ``text``); labels are ``record["label"]``.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import Pipeline
 
     from tunelab.data.builtin import load_builtin
 
-    train, test = load_builtin("drugreview", None, "train"), load_builtin("drugreview", None, "test")
+    if train is None or test is None:
+        train, test = load_builtin("drugreview", None, "train"), load_builtin("drugreview", None, "test")
+    text_of = text_of or (lambda r: r["text"])
     pipe = Pipeline([("tfidf", TfidfVectorizer(sublinear_tf=True, min_df=2, strip_accents="unicode")),
                      ("lr", LogisticRegression(max_iter=5000))])
     grid = {"tfidf__ngram_range": [(1, 1), (1, 2)], "lr__C": [0.3, 3.0, 30.0],
@@ -48,14 +55,16 @@ def baseline(seed: int = 0) -> dict[str, Any]:
     search = GridSearchCV(pipe, grid, scoring="f1_macro", cv=StratifiedKFold(5, shuffle=True, random_state=seed),
                           n_jobs=1)
     started = time.perf_counter()
-    search.fit([r["text"] for r in train], [r["label"] for r in train])
+    search.fit([text_of(r) for r in train], [r["label"] for r in train])
     seconds = time.perf_counter() - started
-    pred = search.predict([r["text"] for r in test])
+    pred = search.predict([text_of(r) for r in test])
     gold = [r["label"] for r in test]
+    names = sorted({r["label"] for r in train} | set(gold))
     return {"name": "TF-IDF + logistic regression (scikit-learn, CV-tuned)", "accuracy": accuracy_score(gold, pred),
             "macro_f1": f1_score(gold, pred, average="macro"), "train_seconds": round(seconds, 1),
             "detail": f"best params {search.best_params_}, CV macro-F1 {search.best_score_:.4f} "
-                      f"(grid search incl. refit, {len(train)} train reviews)"}
+                      f"(grid search incl. refit, {len(train)} train records)",
+            "labels": names, "confusion_matrix": confusion_matrix(gold, pred, labels=names).tolist()}
 
 
 def train_config(config: str) -> str:
@@ -66,13 +75,13 @@ def train_config(config: str) -> str:
     return load_config(config).output_dir
 
 
-def tunelab_result(run_dir: str) -> dict[str, Any]:
-    """Test-split metrics of a finished run plus its training time from ``tunelab.json``."""
+def tunelab_result(run_dir: str, data: str = DATA, split: str = "test") -> dict[str, Any]:
+    """``split`` metrics of a finished run on ``data`` plus its training time from ``tunelab.json``."""
     from tunelab.cli.classify_cmds import evaluate_run
 
     info = json.loads((Path(run_dir) / "tunelab.json").read_text())
     res = info["results"]
-    metrics = evaluate_run(Path(run_dir), DATA, split="test", batch_size=32)
+    metrics = evaluate_run(Path(run_dir), data, split=split, batch_size=32)
     return {"name": f"tunelab {info['base_model']} ({info['method']}), `{run_dir}`", "run": run_dir,
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_seconds": res["fit_seconds"],
             "per_class_f1": {k: round(v["f1"], 4) for k, v in metrics["per_class"].items()},

@@ -76,6 +76,7 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
     confusion matrix; neither may exist unless ``overwrite`` (see :mod:`tunelab.training.outputs`).
     """
     from tunelab.eval.classification import evaluate_classifier, plot_confusion_matrix
+    from tunelab.eval.intervals import classification_intervals
     from tunelab.training.precision import pick_device
 
     if out:
@@ -88,6 +89,8 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
     metrics = evaluate_classifier(model.to(device), batches, device, problem_type=labels.problem_type,
                                   names=labels.names, threshold=config.classification.threshold)
     metrics["num_examples"] = sum(b["num_examples"] for b in batches)
+    if "confusion_matrix" in metrics:  # single_label: 95% intervals (Wilson accuracy, bootstrap macro-F1)
+        metrics.update(classification_intervals(metrics["confusion_matrix"]))
     if out:
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))

@@ -29,6 +29,8 @@ BUILTINS: dict[str, str] = {
     "drugreview-pairs": "tunelab.data.builtin_drugreview_pairs:load_drugreview_pairs",
     "drugreview": "tunelab.data.builtin_drugreview:load_drugreview",
     "qa-feedback": "tunelab.data.builtin_qa_feedback:load_qa_feedback",
+    "medquad": "tunelab.data.builtin_medquad:load_medquad",
+    "pubmedqa": "tunelab.data.builtin_pubmedqa:load_pubmedqa",
 }
 VALIDATION_PERCENT = 15
 

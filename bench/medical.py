@@ -43,13 +43,24 @@ def load_average() -> str:
     return " ".join(path.read_text().split()[:3]) if path.is_file() else "n/a"
 
 
-def run_train(config: str) -> tuple[str, float, str, str]:
-    """``tunelab train CONFIG --overwrite``; returns (output_dir, wall seconds, load before, load after)."""
+def run_train(config: str) -> tuple[str, float, str, str, float]:
+    """``tunelab train CONFIG --overwrite``; returns (output_dir, wall s, load before, load after, CPU s).
+
+    Also prints the child's CPU time (user + system, s): on a busy shared machine, CPU time / 2 estimates
+    the wall time on an idle 2-core one (an over-estimate: oversubscribed threads spin).
+    """
+    import resource
+
     from tunelab.config.load import load_config
 
     load_before, started = load_average(), time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "tunelab", "train", config, "--overwrite"], check=True)
-    return load_config(config).output_dir, round(time.perf_counter() - started, 1), load_before, load_average()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    print(f"{config}: wall {time.perf_counter() - started:.1f} s, CPU {cpu_s:.1f} s", flush=True)
+    return (load_config(config).output_dir, round(time.perf_counter() - started, 1), load_before, load_average(),
+            round(cpu_s, 1))
 
 
 def header(title: str, wall_s: float, load_before: str, load_after: str) -> list[str]:
@@ -63,26 +74,29 @@ def header(title: str, wall_s: float, load_before: str, load_after: str) -> list
 def medquad(config: str, out: Path) -> dict[str, Any]:
     """Train the MedQuAD SFT config and write its before/after report."""
     started = time.perf_counter()
-    run_dir, train_s, load_before, load_after = run_train(config)
+    run_dir, train_s, load_before, load_after, cpu_s = run_train(config)
     info = json.loads((Path(run_dir) / "tunelab.json").read_text())
     res = info["results"]
     before, after = res["held_out_before"], res["held_out_after"]
-    lines = header("MedQuAD medical Q/A assistant: SmolLM2-135M-Instruct + LoRA SFT", round(time.perf_counter() - started, 1),
-                   load_before, load_after)
-    lines += [f"Config `{config}` → run `{run_dir}` (`tunelab train` took {train_s} s, {res['steps']} optimizer steps). "
+    lines = header("MedQuAD medical Q/A assistant: SmolLM2-135M-Instruct + LoRA SFT",
+                   round(time.perf_counter() - started, 1), load_before, load_after)
+    lines += [f"Config `{config}` → run `{run_dir}` (`tunelab train` took {train_s} s wall, {cpu_s} s CPU, "
+              f"{res['steps']} optimizer steps). "
               f"Train: {res['train']}.", "",
               "Held out by document (no document, focus or question text of the held-out split is in train).", "",
               "| held-out | loss (nats/token) | perplexity | token accuracy |", "|---|---|---|---|"]
     for name, m in (("before (base model)", before), ("after SFT", after)):
         if m:
-            lines.append(f"| {name} | {m['loss']:.4f} | {m['ppl']:.2f} | {m.get('token_accuracy', float('nan')):.4f} |")
+            accuracy = m.get("token_accuracy", float("nan"))
+            lines.append(f"| {name} | {m['loss']:.4f} | {m['ppl']:.2f} | {accuracy:.4f} |")
     if before and after:
         lines.append(f"| change | {after['loss'] - before['loss']:+.4f} | {after['ppl'] / before['ppl']:.2f}× | |")
     lines += ["", "## Held-out questions: base model vs fine-tuned (greedy)", ""]
     for s in res["samples"]:
-        lines += [f"**Q:** {s['prompt']}", "", f"- before: {_one_line(s['before'])}", f"- after: {_one_line(s['after'])}", ""]
-    _write(out, lines, {"config": config, "run": run_dir, "train_wall_s": train_s, "load_before": load_before,
-                        "load_after": load_after, "results": res})
+        lines += [f"**Q:** {s['prompt']}", "", f"- before: {_one_line(s['before'])}",
+                  f"- after: {_one_line(s['after'])}", ""]
+    _write(out, lines, {"config": config, "run": run_dir, "train_wall_s": train_s, "train_cpu_s": cpu_s,
+                        "load_before": load_before, "load_after": load_after, "results": res})
     return res
 
 
@@ -97,13 +111,13 @@ def pubmedqa(configs: list[str], runs: list[str], out: Path) -> list[dict[str, A
     rows[1]["name"] = "TF-IDF + logistic regression on question + abstract (scikit-learn, CV-tuned)"
     timings = {}
     for config in configs:
-        run_dir, seconds, *_ = run_train(config)
+        run_dir, seconds, _, _, cpu_s = run_train(config)
         runs.append(run_dir)
-        timings[run_dir] = seconds
+        timings[run_dir] = f"{seconds} s wall, {cpu_s} s CPU"
     for run_dir in runs:
         rows.append(tunelab_result(run_dir, PUBMEDQA, "test"))
         if run_dir in timings:
-            rows[-1]["detail"] += f"; `tunelab train` wall time {timings[run_dir]} s"
+            rows[-1]["detail"] += f"; `tunelab train` {timings[run_dir]}"
     for row in rows:
         row.update(classification_intervals(row["confusion_matrix"]))
         print(f"{row['name']}: accuracy {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f}", flush=True)
@@ -114,10 +128,12 @@ def pubmedqa(configs: list[str], runs: list[str], out: Path) -> list[dict[str, A
               f"{len(train)} / **test {len(test)}** {counts}. tunelab configs hold out 15% of train (stratified) to "
               "pick the best step; the baselines train on all of train. 95% intervals: Wilson (accuracy), "
               "percentile bootstrap of the confusion matrix, 2,000 resamples (macro-F1).", "",
-              "| model | test accuracy (95% CI) | test macro-F1 (95% CI) | train time (s) | notes |", "|---|---|---|---|---|"]
+              "| model | test accuracy (95% CI) | test macro-F1 (95% CI) | train time (s) | notes |",
+              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['accuracy']:.3f} ({r['accuracy_low']:.3f}–{r['accuracy_high']:.3f}) | "
-                     f"{r['macro_f1']:.3f} ({r['macro_f1_low']:.3f}–{r['macro_f1_high']:.3f}) | {r['train_seconds']} | "
+                     f"{r['macro_f1']:.3f} ({r['macro_f1_low']:.3f}–{r['macro_f1_high']:.3f}) | "
+                     f"{r['train_seconds']} | "
                      f"{r['detail']}; confusion (rows true {r['labels']}) {r['confusion_matrix']} |")
     env = environment()
     lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]

@@ -18,9 +18,10 @@ groups are the connected components of these links (:func:`document_groups`). A 
 as a whole by the SHA-256 of its name (its smallest ``source/document``): ``test`` (about 10%),
 ``validation`` (about 10%) or ``train`` (the rest). So no document, no focus and no question text is
 in two splits. The split is computed over all sources before ``name`` selects some, so a subset's
-splits are those of the whole set. Records come in the order of their group's hash (a group's pairs
-together, in file order), so the first N records (``data.max_examples``,
-``data.max_validation_examples``) are a random-like sample of groups across sources.
+splits are those of the whole set. Records come in the order of a hash of each pair (its
+``source/document`` and question), so the first N records (``data.max_examples``,
+``data.max_validation_examples``, the SFT recipe's sample questions) are a random-like sample of pairs
+from many documents and sources, the same whatever N.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def load_medquad(subset: str | None, split: str) -> list[dict[str, Any]]:
     groups = document_groups(pairs)
     low, high = SPLIT_PERCENT[split]
     chosen = [i for i, p in enumerate(pairs) if p["source"] in sources and low <= _bucket(groups[i]) < high]
-    chosen.sort(key=lambda i: (_digest(groups[i]), i))
+    chosen.sort(key=lambda i: (_digest(document_key(pairs[i]) + "\n" + pairs[i]["question"]), i))
     return [{"messages": [{"role": "user", "content": pairs[i]["question"]},
                           {"role": "assistant", "content": pairs[i]["answer"]}],
              "source": pairs[i]["source"], "document": pairs[i]["document"], "focus": pairs[i]["focus"],

@@ -40,16 +40,12 @@ def test_medquad_splits_share_no_document_focus_or_question(medquad):
     assert 0.05 < shares["validation"] < 0.15 and 0.05 < shares["test"] < 0.15, shares
 
 
-def test_medquad_is_deterministic_and_in_group_hash_order(medquad):
+def test_medquad_is_deterministic_and_in_pair_hash_order(medquad):
     assert load_builtin("medquad", None, "validation") == medquad["validation"]
-    groups = [r["group"] for r in medquad["train"]]
-    seen, previous = set(), None
-    for g in groups:  # a group's pairs are contiguous
-        assert g == previous or g not in seen
-        seen.add(g)
-        previous = g
-    first = {r["source"] for r in medquad["train"][:500]}  # the first N pairs mix the sources
-    assert len(first) >= 5
+    first = medquad["validation"][:64]  # what the shipped SFT config evaluates on
+    assert len({r["group"] for r in first}) >= 40  # many documents, not a few groups' pairs
+    assert len({r["source"] for r in medquad["train"][:300]}) >= 5  # and every kind of source
+    assert len({r["group"] for r in medquad["validation"][:3]}) == 3  # the side-by-side samples differ
 
 
 def test_medquad_records_are_user_assistant_conversations(medquad):

@@ -64,18 +64,25 @@ def bootstrap(gold: list[str], pred: list[str], other: list[str] | None = None, 
             for k, v in stats.items() if v}
 
 
-def baseline(seed: int = 0, data: str = DATA) -> dict[str, Any]:
-    """Fit the cross-validated TF-IDF + logistic regression on train; metrics on test."""
+def baseline(seed: int = 0, data: str = DATA, train: list[dict[str, Any]] | None = None,
+             test: list[dict[str, Any]] | None = None, text_of: Any = None) -> dict[str, Any]:
+    """Fit the cross-validated TF-IDF + logistic regression on train; metrics on test.
+
+    ``train``/``test``: labelled records (default: the ``train``/``test`` splits of built-in ``data``);
+    ``text_of(record)`` gives the text to classify (default: its ``text``); labels are ``record["label"]``.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import Pipeline
 
     from tunelab.data.builtin import load_builtin
 
-    name = data.removeprefix("builtin:")
-    train, test = load_builtin(name, None, "train"), load_builtin(name, None, "test")
+    if train is None or test is None:
+        name = data.removeprefix("builtin:")
+        train, test = load_builtin(name, None, "train"), load_builtin(name, None, "test")
+    text_of = text_of or (lambda r: r["text"])
     pipe = Pipeline([("tfidf", TfidfVectorizer(sublinear_tf=True, min_df=2, strip_accents="unicode")),
                      ("lr", LogisticRegression(max_iter=5000))])
     grid = {"tfidf__ngram_range": [(1, 1), (1, 2)], "lr__C": [0.3, 3.0, 30.0],
@@ -83,16 +90,18 @@ def baseline(seed: int = 0, data: str = DATA) -> dict[str, Any]:
     search = GridSearchCV(pipe, grid, scoring="f1_macro", cv=StratifiedKFold(5, shuffle=True, random_state=seed),
                           n_jobs=1)
     started = time.perf_counter()
-    search.fit([r["text"] for r in train], [r["label"] for r in train])
+    search.fit([text_of(r) for r in train], [r["label"] for r in train])
     seconds = time.perf_counter() - started
-    pred = search.predict([r["text"] for r in test])
+    pred = search.predict([text_of(r) for r in test])
     gold = [r["label"] for r in test]
+    names = sorted({r["label"] for r in train} | set(gold))
     return {"name": "TF-IDF + logistic regression (scikit-learn, CV-tuned)", "accuracy": accuracy_score(gold, pred),
             "predictions": list(pred), "gold": gold, "ci95": bootstrap(gold, list(pred)),
             "num_train": len(train), "num_test": len(test),
             "macro_f1": f1_score(gold, pred, average="macro"), "train_seconds": round(seconds, 1),
             "detail": f"best params {search.best_params_}, CV macro-F1 {search.best_score_:.4f} "
-                      f"(grid search incl. refit, {len(train)} training examples)"}
+                      f"(grid search incl. refit, {len(train)} train records)",
+            "labels": names, "confusion_matrix": confusion_matrix(gold, pred, labels=names).tolist()}
 
 
 def train_config(config: str) -> str:
@@ -103,17 +112,19 @@ def train_config(config: str) -> str:
     return load_config(config).output_dir
 
 
-def tunelab_result(run_dir: str, data: str = DATA, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Test-split metrics of a finished run plus its training time from ``tunelab.json``."""
+def tunelab_result(run_dir: str, data: str = DATA, base: dict[str, Any] | None = None,
+                   split: str = "test") -> dict[str, Any]:
+    """``split`` metrics of a finished run on ``data`` plus its training time from ``tunelab.json``; with
+    ``base`` (the baseline's result on the same split), paired bootstrap intervals of the difference."""
     import tempfile
 
     from tunelab.cli.classify_cmds import evaluate_run, predict_run
 
     info = json.loads((Path(run_dir) / "tunelab.json").read_text())
     res = info["results"]
-    metrics = evaluate_run(Path(run_dir), data, split="test", batch_size=32)
+    metrics = evaluate_run(Path(run_dir), data, split=split, batch_size=32)
     with tempfile.TemporaryDirectory() as tmp:
-        predict_run(Path(run_dir), data, Path(tmp) / "p.jsonl", split="test", batch_size=32)
+        predict_run(Path(run_dir), data, Path(tmp) / "p.jsonl", split=split, batch_size=32)
         pred = [json.loads(line)["prediction"] for line in (Path(tmp) / "p.jsonl").read_text().splitlines()]
     ci = bootstrap(base["gold"], pred, base["predictions"]) if base else {}
     return {"name": f"tunelab {info['base_model']} ({info['method']}), `{run_dir}`", "run": run_dir,

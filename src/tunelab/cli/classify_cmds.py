@@ -76,6 +76,7 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
     confusion matrix; neither may exist unless ``overwrite`` (see :mod:`tunelab.training.outputs`).
     """
     from tunelab.eval.classification import evaluate_classifier, plot_confusion_matrix
+    from tunelab.eval.intervals import classification_intervals
     from tunelab.training.precision import pick_device
 
     if out:
@@ -89,6 +90,8 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "train", batch_size: 
                                   names=labels.names, threshold=config.classification.threshold,
                                   pooling=config.classification.pooling)
     metrics["num_examples"] = sum(b["num_examples"] for b in batches)
+    if "confusion_matrix" in metrics:  # single_label: 95% intervals (Wilson accuracy, bootstrap macro-F1)
+        metrics.update(classification_intervals(metrics["confusion_matrix"]))
     if out:
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))

@@ -103,7 +103,8 @@ def _inspect_prompts(config: Config, tokenizer, num_examples: int, console: Cons
     for name, source in (("train", config.data.train), ("held-out", config.data.validation)):
         if source is None:
             continue
-        prompts = load_prompts(source, config.data, tokenizer, rl.max_prompt_len)
+        limit = config.data.max_examples if name == "train" else config.data.max_validation_examples
+        prompts = load_prompts(source, config.data, tokenizer, rl.max_prompt_len, limit)
         for i, prompt in enumerate(prompts.prompts[:num_examples] if name == "train" else []):
             console.rule(f"train prompt {i}: {len(prompt.input_ids)} tokens")
             console.print(Text(tokenizer.decode(prompt.input_ids)))

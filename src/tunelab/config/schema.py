@@ -115,8 +115,8 @@ class DataConfig(StrictModel):
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N training records.")
     max_validation_examples: int | None = Field(
-        None, ge=1, description="task=dpo (all losses, kto included) and reward: use only the first N records of "
-        "data.validation (null = all).",
+        None, ge=1, description="Use only the first N records of data.validation (every task; null = all; not "
+        "applied to a val_fraction hold-out).",
     )
     shuffle: bool = Field(True, description="Shuffle training examples every epoch (seeded).")
 

@@ -32,6 +32,8 @@ BUILTINS: dict[str, str] = {
     "summeval-pairs": "tunelab.data.builtin_summeval:load_summeval_pairs",
     "cuad-clauses": "tunelab.data.builtin_cuad:load_cuad_clauses",
     "cuad-governing-law": "tunelab.data.builtin_cuad:load_cuad_governing_law",
+    "medquad": "tunelab.data.builtin_medquad:load_medquad",
+    "pubmedqa": "tunelab.data.builtin_pubmedqa:load_pubmedqa",
 }
 VALIDATION_PERCENT = 15
 

@@ -194,7 +194,7 @@ def prepare_classification_data(config: Config, tokenizer: Any) -> PreparedClass
     records = _records(dc.train, dc.max_examples)
     labels = build_label_space(cc, records, dc.train.path)
     if dc.validation is not None:
-        val_records = _records(dc.validation, None)
+        val_records = _records(dc.validation, dc.max_validation_examples)
     elif dc.val_fraction > 0:
         keep, held = stratified_holdout(_strata(records, cc, labels, dc.train.path), dc.val_fraction,
                                         config.train.seed)

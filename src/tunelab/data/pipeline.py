@@ -51,7 +51,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     """
     train_examples, fmt = load_canonical(cfg.train, cfg, cfg.max_examples)
     if cfg.validation is not None:
-        val_examples, _ = load_canonical(cfg.validation, cfg)
+        val_examples, _ = load_canonical(cfg.validation, cfg, cfg.max_validation_examples)
     elif cfg.val_fraction > 0:
         order = list(range(len(train_examples)))
         random.Random(seed).shuffle(order)

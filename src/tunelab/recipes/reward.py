@@ -14,7 +14,6 @@ normalization (every pair is one row), no score centering.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tunelab.config.schema import Config
 from tunelab.data.preference import prepare_pairs, preference_batch_plan, preference_collate
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError
+from tunelab.eval.intervals import wilson_interval
 from tunelab.losses.reward import bradley_terry_loss
 from tunelab.models.heads import is_decoder_classifier
 from tunelab.models.linear_probe import init_reward_head_by_probe
@@ -183,20 +183,6 @@ def pairwise_summary(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     low, high = wilson_interval(wins, chosen.numel())
     return {"loss": float(loss), "accuracy": wins / max(chosen.numel(), 1), "accuracy_low": low,
             "accuracy_high": high, "margin": float((chosen - rejected).mean()), "pairs": chosen.numel()}
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson 1927), 95% by default.
-
-    Returns ``(low, high)``; ``(0.0, 1.0)`` for zero trials.
-    """
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _fmt_acc(m: dict[str, float]) -> str:

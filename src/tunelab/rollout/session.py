@@ -57,7 +57,8 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
     held_too_long = 0
     held_in_train = 0
     if config.data.validation is not None:
-        held = load_prompts(config.data.validation, config.data, tokenizer, rl.max_prompt_len)
+        held = load_prompts(config.data.validation, config.data, tokenizer, rl.max_prompt_len,
+                            config.data.max_validation_examples)
         train_ids = {tuple(p.input_ids) for p in train.prompts}
         held_out = [p for p in held.prompts if tuple(p.input_ids) not in train_ids]
         held_too_long, held_in_train = held.num_too_long, len(held.prompts) - len(held_out)

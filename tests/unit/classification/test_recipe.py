@@ -73,6 +73,8 @@ def test_single_label_encoder_full_learns_and_saves_label_names(tmp_path, encode
 
     metrics = evaluate_run(tmp_path / "run", str(data), out=tmp_path / "eval.json")
     assert metrics["num_examples"] == 36 and metrics["accuracy"] > 0.9
+    assert metrics["accuracy_low"] <= metrics["accuracy"] <= metrics["accuracy_high"]  # 95% intervals (issue 18)
+    assert metrics["macro_f1_low"] <= metrics["macro_f1"] <= metrics["macro_f1_high"]
     assert (tmp_path / "eval.png").is_file()
     unlabelled = write_jsonl(tmp_path / "new.jsonl", [{"review": "the drug was wonderful for me"}])
     assert predict_run(tmp_path / "run", str(unlabelled), tmp_path / "preds.jsonl") == 1

@@ -166,6 +166,18 @@ def test_held_out_prompts_that_are_also_training_prompts_are_dropped(tmp_path, t
     assert session.num_held_out_in_train == 1
 
 
+def test_held_out_prompts_stop_at_max_validation_examples(tmp_path, tiny_model_dir):
+    """data.max_validation_examples applies to RL prompts too (issue 18; the session read the whole split before)."""
+    from rich.console import Console
+
+    from tunelab.rollout.session import open_session
+
+    config = _config(tmp_path, tiny_model_dir, "grpo", [{"type": "exact_match"}])
+    config.data.max_validation_examples = 3
+    session = open_session(config, torch.device("cpu"), Console(quiet=True))
+    assert len(session.held_out) == 3  # eval_prompts is 4
+
+
 def test_value_head_learning_rate_defaults_to_ten_times_the_policy_lr(tmp_path, tiny_model_dir):
     from tunelab.models.value_head import ValueHead
     from tunelab.recipes.ppo import value_param_group

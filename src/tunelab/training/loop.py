@@ -241,10 +241,6 @@ def _refuse_finished(path: Path, state: TrainState, num_steps: int, output_dir: 
         )
 
 
-def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
-    """Load a checkpoint; its data position is in micro-batches, so their size must not change."""
-
-
 def _has_eval(log: MetricsLog | None, runtime: Runtime, step: int) -> bool:
     """Whether ``metrics.jsonl`` already holds an evaluation at ``step`` (rank 0's answer, on every rank)."""
     return bool(runtime.broadcast(any(r.get("step") == step and any(k.startswith("eval/") for k in r)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunelab import __version__
@@ -33,9 +34,12 @@ RUN_INFO = "tunelab.json"
 def save_run(
     output_dir: Path, model: nn.Module, tokenizer: Any, *, method: str, base_model: str, config_yaml: str,
     results: dict[str, Any], task_type: str = "CAUSAL_LM", modules_to_save: list[str] = (),
-    console: Any = None,
+    console: Any = None, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the final model and run files; each file is written aside and renamed into place.
+
+    ``state_dict`` (full weights only): the tensors to save instead of ``model.state_dict()`` (an FSDP
+    model's gathered weights, :meth:`tunelab.training.distributed.Runtime.plain_state_dict`).
 
     A causal LM's stop ids (EOS + the template's end-of-turn tokens) go into ``generation_config.json``
     (and, for full weights, ``config.json``'s ``eos_token_id``); the line saying so is printed on
@@ -54,7 +58,7 @@ def save_run(
         else:
             if causal:
                 stop_ids = apply_stop_ids(model, tokenizer)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,

@@ -131,7 +131,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
         runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
                         config_yaml=config_yaml, results=results, task_type="SEQ_CLS",
-                        modules_to_save=head_modules if tc.method == "lora" else [])
+                        modules_to_save=head_modules if tc.method == "lora" else [],
+                        state_dict=runtime.plain_state_dict(model))
     runtime.on_main(_plots, history, best, data.labels.names, output_dir, config.model.name_or_path, best_step)
     _report(console, results, output_dir)
     runtime.close()

@@ -151,17 +151,18 @@ def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, re
     SFT adapter is saved merged (full weights)."""
     model.train(False)
     with runtime.full_weights():
-        runtime.on_main(_save_whole, model, tokenizer, config, config_yaml, results, merge)
+        runtime.on_main(_save_whole, model, tokenizer, config, config_yaml, results, merge, runtime)
 
 
 def _save_whole(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, results: dict[str, Any],
-                merge: bool) -> None:
+                merge: bool, runtime: Runtime) -> None:
     method = config.train.method
     if merge and method == "lora":
         merge_lora(model)
         method = "full"
     save_run(Path(config.output_dir), model, tokenizer, method=method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results)
+             config_yaml=config_yaml, results=results,
+             state_dict=runtime.plain_state_dict(model) if method == "full" else None)
 
 
 def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, bool]:

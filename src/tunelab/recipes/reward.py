@@ -119,7 +119,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     model.train(False)
     with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
         runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path,
-                        config_yaml=config_yaml, results=results, task_type="SEQ_CLS", modules_to_save=saved_modules)
+                        config_yaml=config_yaml, results=results, task_type="SEQ_CLS", modules_to_save=saved_modules,
+                        state_dict=runtime.plain_state_dict(model))
     runtime.on_main(plot_loss_curve, result.history, output_dir / "loss_curve.png",
                     title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)

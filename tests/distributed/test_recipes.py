@@ -12,6 +12,7 @@ before this issue every 2-process job fails: the recipes refused to run under se
 from __future__ import annotations
 
 import math
+import shutil
 import socket
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import make_tiny_llama
-from tests.distributed.recipe_jobs import collect, recipe_config, run_recipe, worker, write_data
+from tests.distributed.recipe_jobs import collect, interrupt_after, recipe_config, run_recipe, worker, write_data
 
 TOL = 1e-5
 CASES = {  # name: (task, strategies, extra config sections)
@@ -120,8 +121,9 @@ def test_two_ranks_train_evaluate_and_select_like_one(two_rank, one_rank, name):
 
 
 def test_held_out_metrics_are_over_all_examples_gathered(two_rank):
-    """Held-out sets of 9 examples / 7 pairs in batches of 2 give each rank a different share (3 vs 2
-    batches): the counts prove the metrics came from every example, not from rank 0's share."""
+    """Held-out sets of 9 classification / 14 KTO examples in batches of 2 give the ranks uneven shares
+    (3 vs 2, 4 vs 3 batches; 7 pairs: 2 and 2): the counts prove the metrics came from every example,
+    not from rank 0's share."""
     cls = two_rank["classification-fsdp"]["results"]["held_out_best"]
     assert sum(c["support"] for c in cls["per_class"].values()) == 9
     assert two_rank["dpo_full_frozen_copy-fsdp"]["results"]["held_out_after"]["pairs"] == 7
@@ -145,3 +147,14 @@ def test_two_rank_run_resumed_from_sharded_checkpoint_reproduces_it(two_rank):
     _assert_same_run(full, resumed)
     _close({k: v for k, v in full["results"].items() if k != "train_seconds"},
            {k: v for k, v in resumed["results"].items() if k != "train_seconds"}, "results")
+
+
+def test_two_rank_checkpoint_resumes_on_one_process_with_the_same_step_size(two_rank, setup, tmp_path):
+    """Another world size, exact: 2 ranks × grad_accum 1 resumed on 1 process × grad_accum 2."""
+    root, model_dir, data = setup
+    run = tmp_path / "one"
+    shutil.copytree(root / RESUMED, run)
+    interrupt_after(run, 2)
+    task, _, sections = CASES[RESUMED.rsplit("-", 1)[0]]
+    run_recipe(recipe_config(task, model_dir, data, run, sections, grad_accum=2), resume=True)
+    _assert_same_run(two_rank[RESUMED], collect(run))

@@ -28,7 +28,8 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
-    before_training, configure_attention_backends, count_parameters, setup_trainable, start_run, weights_dtype,
+    before_training, configure_attention_backends, count_parameters, quantize_base, setup_trainable, start_run,
+    weights_dtype,
 )
 from tunelab.training.loop import fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
@@ -60,6 +61,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                        attn_implementation=config.model.attn_implementation,
                        dtype=weights_dtype(config, device)).to(device)
     vocab_modules = resize_for_tokenizer(model, tokenizer, added)
+    quantize_base(model, config.model.quantize, exclude=vocab_modules)  # QLoRA: "before", probe, reference see the NF4 base
     if added:
         console.print(f"[bold]tokens[/] added {added}; embeddings resized to {len(tokenizer)} rows (mean-initialised)")
     tc = config.train

@@ -36,7 +36,7 @@ from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
 from tunelab.models.linear_probe import init_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.recipes.prepare import before_training, count_parameters, quantize_base, setup_trainable, start_run
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
@@ -129,11 +129,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         "train_seconds": round(time.perf_counter() - started, 1), "head_modules": head_modules,
     }
     model.train(False)
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
     with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
         runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
                         config_yaml=config_yaml, results=results, task_type="SEQ_CLS",
                         modules_to_save=head_modules if tc.method == "lora" else [],
-                        state_dict=runtime.plain_state_dict(model))
+                        state_dict=weights)
     runtime.on_main(_plots, history, best, data.labels.names, output_dir, config.model.name_or_path, best_step)
     _report(console, results, output_dir)
     runtime.close()

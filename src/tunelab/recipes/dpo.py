@@ -42,7 +42,7 @@ from tunelab.eval.report import print_side_by_side
 from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
-from tunelab.models.run import load_run, save_run
+from tunelab.models.run import load_run, save_run, whole_state_dict
 from tunelab.recipes.prepare import (
     before_training, quantize_base, count_parameters, setup_trainable, start_run, upcast_trainable, weights_dtype,
 )
@@ -151,19 +151,20 @@ def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, re
     """Save the run (rank 0, from the whole weights; collective under FSDP); a policy that started from an
     SFT adapter is saved merged (full weights)."""
     model.train(False)
+    weights = whole_state_dict(model) if config.train.method != "lora" else None  # FSDP full: gathered (collective)
     with runtime.full_weights():
-        runtime.on_main(_save_whole, model, tokenizer, config, config_yaml, results, merge, runtime)
+        runtime.on_main(_save_whole, model, tokenizer, config, config_yaml, results, merge, weights)
 
 
 def _save_whole(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, results: dict[str, Any],
-                merge: bool, runtime: Runtime) -> None:
+                merge: bool, weights: dict[str, Any] | None) -> None:
     method = config.train.method
     if merge and method == "lora":
         merge_lora(model)
         method = "full"
     save_run(Path(config.output_dir), model, tokenizer, method=method, base_model=config.model.name_or_path,
              config_yaml=config_yaml, results=results,
-             state_dict=runtime.plain_state_dict(model) if method == "full" else None)
+             state_dict=weights)
 
 
 def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, bool]:

@@ -34,7 +34,7 @@ from tunelab.models.heads import is_decoder_classifier
 from tunelab.models.linear_probe import init_reward_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.recipes.prepare import (
     before_training, quantize_base, count_parameters, setup_trainable, start_run, upcast_trainable, weights_dtype,
 )
@@ -118,10 +118,11 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1)}
     model.train(False)
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
     with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
         runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path,
                         config_yaml=config_yaml, results=results, task_type="SEQ_CLS", modules_to_save=saved_modules,
-                        state_dict=runtime.plain_state_dict(model))
+                        state_dict=weights)
     runtime.on_main(plot_loss_curve, result.history, output_dir / "loss_curve.png",
                     title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)

@@ -316,26 +316,6 @@ class Runtime:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.config.reshard_after_forward)
 
-    def plain_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Inside :meth:`full_weights`: ``model``'s state dict (same keys) as whole plain tensors, for
-        ``save_pretrained(state_dict=...)``; None without FSDP (the model's own ``state_dict()`` is plain).
-
-        FSDP2's state-dict hooks reshard the model and return the sharded ``DTensor``s, so ``state_dict()``
-        is not called: the keys and values come from every module's (gathered) parameters and persistent
-        buffers, tied weights under each of their names. Not collective.
-        """
-        if self.strategy != "fsdp":
-            return None
-        tensors: dict[str, torch.Tensor] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
-            prefix = f"{module_name}." if module_name else ""
-            for name, param in module.named_parameters(recurse=False):
-                tensors[prefix + name] = param.detach()
-            for name, buffer in module.named_buffers(recurse=False):
-                if name not in module._non_persistent_buffers_set:
-                    tensors[prefix + name] = buffer.detach()
-        return tensors
-
     def close(self) -> None:
         """Tear down the process group this runtime created."""
         if self.owns_group and dist.is_initialized():

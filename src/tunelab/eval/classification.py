@@ -26,6 +26,7 @@ from tunelab.data.classification import LabelSpace
 from tunelab.errors import TunelabError
 from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
+from tunelab.training.distributed import Runtime, single_process
 from tunelab.training.precision import autocast
 
 PER_CLASS = "per_class"
@@ -34,16 +35,23 @@ DETAIL_KEYS = (PER_CLASS, "confusion_matrix", "labels")
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: list[dict[str, Any]], device: torch.device,
-                   precision: str = "fp32", pooling: str = "model") -> torch.Tensor:
+                   precision: str = "fp32", pooling: str = "model", runtime: Runtime | None = None) -> torch.Tensor:
     """Head outputs of every example, in batch order: (N, K) float32 on CPU (``pooling``: see
-    :func:`tunelab.models.heads.sequence_logits`)."""
+    :func:`tunelab.models.heads.sequence_logits`).
+
+    With a distributed ``runtime`` each rank runs its round-robin share of ``batches`` and the outputs
+    are gathered, so every rank returns all N rows (:meth:`~tunelab.training.distributed.Runtime.map_shards`;
+    collective).
+    """
     was_training = model.training
     model.eval()
-    outputs = []
-    for batch in batches:
+
+    def run(batch: dict[str, Any]) -> torch.Tensor:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
         with autocast(precision, device):
-            outputs.append(sequence_logits(model, tensors, pooling).float().cpu())
+            return sequence_logits(model, tensors, pooling).float().cpu()
+
+    outputs = (runtime or single_process(device)).map_shards(run, batches)
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
@@ -127,9 +135,14 @@ def _per_class(names, p, r, f, s) -> dict[str, dict[str, float]]:
 def evaluate_classifier(model: nn.Module, batches: list[dict[str, Any]], device: torch.device, *,
                         problem_type: str, names: list[str], threshold: float = 0.5,
                         class_weights: torch.Tensor | None = None, precision: str = "fp32",
-                        pooling: str = "model") -> dict[str, Any]:
-    """Loss and metrics of ``model`` on labelled batches (see :func:`classification_metrics`)."""
-    logits = predict_logits(model, batches, device, precision, pooling)
+                        pooling: str = "model", runtime: Runtime | None = None) -> dict[str, Any]:
+    """Loss and metrics of ``model`` on labelled batches (see :func:`classification_metrics`).
+
+    With a distributed ``runtime`` the batches are shared over the ranks and the predictions gathered
+    before any metric is computed, so accuracy, macro-F1, ROC AUC and the confusion matrix are those of
+    all N examples (not averages of per-rank values) and the same on every rank. Collective.
+    """
+    logits = predict_logits(model, batches, device, precision, pooling, runtime)
     targets = torch.cat([b["labels"] for b in batches])
     loss, _ = classification_loss(problem_type, logits, targets, len(targets), class_weights)
     return {"loss": float(loss), **classification_metrics(problem_type, targets.numpy(), logits.numpy(), names,

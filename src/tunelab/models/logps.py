@@ -32,6 +32,7 @@ from tunelab.adapters.lora import disabled
 from tunelab.losses.logprobs import IGNORE_INDEX, token_logps
 from tunelab.models.causal_lm import model_inputs, supports_hidden_state_loss
 from tunelab.models.heads import sequence_logits
+from tunelab.training.distributed import Runtime, single_process
 
 
 @dataclass
@@ -124,7 +125,8 @@ Reference = Callable[[dict[str, torch.Tensor]], PairLogps]
 
 
 def make_reference(kind: str, model: nn.Module, *, batches: Iterable[dict[str, torch.Tensor]] = (),
-                   cache_path: Path | None = None, device: torch.device | None = None) -> Reference | None:
+                   cache_path: Path | None = None, device: torch.device | None = None,
+                   runtime: Runtime | None = None) -> Reference | None:
     """The reference log-prob function for strategy ``kind``.
 
     Args:
@@ -136,6 +138,11 @@ def make_reference(kind: str, model: nn.Module, *, batches: Iterable[dict[str, t
             ``pair_index``; pairs are looked up by that index afterwards.
         cache_path: precomputed only: ``.safetensors`` file; reused when its fingerprint (a hash
             of all token ids and labels) matches, else recomputed and rewritten.
+        runtime: a distributed :class:`~tunelab.training.distributed.Runtime` places the reference like
+            the policy: ``frozen_copy`` is sharded under FSDP (:meth:`~tunelab.training.distributed.Runtime.shard_frozen`;
+            every rank must then ask for equally many batches, as training and evaluation do),
+            ``precomputed`` computes each rank's share of ``batches`` and gathers the table, rank 0
+            alone deciding a cache hit and writing the cache. None = one process.
 
     ``adapters_off`` on a model without LoRA layers is the model itself in eval mode.
 
@@ -149,11 +156,12 @@ def make_reference(kind: str, model: nn.Module, *, batches: Iterable[dict[str, t
             with disabled(model):
                 return eval_pair_logps(model, batch)
         return adapters_off
+    runtime = runtime or single_process(device or torch.device("cpu"))
     if kind == "frozen_copy":
-        frozen = copy.deepcopy(model).requires_grad_(False).eval()
-        return lambda batch: eval_pair_logps(frozen, batch)
+        frozen = runtime.shard_frozen(copy.deepcopy(model))
+        return lambda batch: frozen(eval_pair_logps, batch)
     if kind == "precomputed":
-        return PrecomputedReference.build(model, list(batches), cache_path, device or torch.device("cpu"))
+        return PrecomputedReference.build(model, list(batches), cache_path, device or torch.device("cpu"), runtime)
     raise ValueError(f"unknown reference kind {kind!r}; expected adapters_off, frozen_copy, precomputed or none")
 
 
@@ -168,26 +176,30 @@ class PrecomputedReference:
 
     @classmethod
     def build(cls, model: nn.Module, batches: list[dict[str, torch.Tensor]], cache_path: Path | None,
-              device: torch.device) -> PrecomputedReference:
-        """Compute (or load from ``cache_path``) the table for every pair in ``batches``."""
+              device: torch.device, runtime: Runtime | None = None) -> PrecomputedReference:
+        """Compute (or load from ``cache_path``) the table for every pair in ``batches``.
+
+        With a distributed ``runtime`` (collective) rank 0 decides whether the cache matches and
+        broadcasts it; otherwise every rank computes its round-robin share of ``batches``, the rows are
+        gathered (the same table on every rank) and rank 0 writes the cache.
+        """
+        runtime = runtime or single_process(device)
         fingerprint = _fingerprint(batches)
-        if cache_path is not None and cache_path.is_file():
-            cached = load_file(str(cache_path))
-            if bytes(cached["fingerprint"].tolist()).hex() == fingerprint:
-                return cls(cached["logps"], cached["tokens"])
+        cached = runtime.from_main(_read_cache, cache_path, fingerprint)
+        if cached is not None:
+            return cls(*cached)
+
+        def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            out = eval_pair_logps(model, {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            return (torch.stack([out.chosen, out.rejected], 1).float().cpu(),
+                    torch.stack([out.chosen_tokens, out.rejected_tokens], 1).cpu())
+
         num = 1 + max(int(b["pair_index"].max()) for b in batches)
         logps, tokens = torch.zeros(num, 2), torch.zeros(num, 2, dtype=torch.long)
-        for batch in batches:
-            out = eval_pair_logps(model, {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-            index = batch["pair_index"]
-            logps[index] = torch.stack([out.chosen, out.rejected], 1).float().cpu()
-            tokens[index] = torch.stack([out.chosen_tokens, out.rejected_tokens], 1).cpu()
+        for batch, (rows, counts) in zip(batches, runtime.map_shards(run, batches)):
+            logps[batch["pair_index"]], tokens[batch["pair_index"]] = rows, counts
         if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(".tmp")
-            save_file({"logps": logps, "tokens": tokens,
-                       "fingerprint": torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8)}, str(tmp))
-            tmp.replace(cache_path)
+            runtime.on_main(_write_cache, cache_path, logps, tokens, fingerprint)
         return cls(logps, tokens)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> PairLogps:
@@ -196,6 +208,24 @@ class PrecomputedReference:
         device = batch["input_ids"].device
         logps, tokens = self.logps[index].to(device), self.tokens[index].to(device)
         return PairLogps(logps[:, 0], logps[:, 1], tokens[:, 0], tokens[:, 1])
+
+
+def _read_cache(cache_path: Path | None, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached ``(logps, tokens)`` tables when ``cache_path`` holds ones of this ``fingerprint``, else None."""
+    if cache_path is None or not cache_path.is_file():
+        return None
+    cached = load_file(str(cache_path))
+    if bytes(cached["fingerprint"].tolist()).hex() != fingerprint:
+        return None
+    return cached["logps"], cached["tokens"]
+
+
+def _write_cache(cache_path: Path, logps: torch.Tensor, tokens: torch.Tensor, fingerprint: str) -> None:
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_suffix(".tmp")
+    save_file({"logps": logps, "tokens": tokens,
+               "fingerprint": torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8)}, str(tmp))
+    tmp.replace(cache_path)
 
 
 def _fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:

@@ -17,11 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunelab import __version__
-import torch
-
 from tunelab.adapters.lora import merge_lora
 from tunelab.adapters.peft_format import load_adapter, save_adapter
 from tunelab.errors import ModelLoadError

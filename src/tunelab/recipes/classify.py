@@ -36,14 +36,10 @@ from tunelab.losses.classification import classification_loss
 from tunelab.models.heads import sequence_logits
 from tunelab.models.linear_probe import init_head_by_probe
 from tunelab.models.lineage import start_lineage
-from tunelab.models.run import load_start_tokenizer, load_weights
-from tunelab.models.run import save_run
-from tunelab.recipes.prepare import (
-    before_training, quantize_base, check_output_dir, count_parameters, seed_everything, setup_trainable,
-)
+from tunelab.models.run import load_start_tokenizer, load_weights, save_run, whole_state_dict
+from tunelab.recipes.prepare import before_training, count_parameters, quantize_base, setup_trainable, start_run
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.precision import pick_device
 from tunelab.training.outputs import holds_run_lock
 
 HEAD_NAMES = ("score", "classifier")
@@ -53,13 +49,11 @@ HEAD_NAMES = ("score", "classifier")
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Train a classifier as configured; returns the results also stored in ``tunelab.json``."""
-    console = console or Console()
+    runtime, console, resume_from = start_run(config, resume, overwrite, console)  # torchrun: one call per rank
     started = time.perf_counter()
     cc, tc = config.classification, config.train
     output_dir = Path(config.output_dir)
-    resume_from = check_output_dir(output_dir, resume, overwrite)
-    seed_everything(tc.seed, tc.threads)
-    device = pick_device()
+    device = runtime.device
     config_yaml = dump_config(config)
 
     lineage = start_lineage(config.model.name_or_path, output_dir)  # an earlier causal-LM run as the start
@@ -83,7 +77,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     def evaluate_full() -> dict[str, Any]:
         return evaluate_classifier(model, eval_batches, device, problem_type=cc.problem_type,
                                    names=data.labels.names, threshold=cc.threshold, class_weights=weights,
-                                   precision=tc.precision, pooling=cc.pooling)
+                                   precision=tc.precision, pooling=cc.pooling, runtime=runtime)
 
     if cc.head_init == "linear_probe" and resume_from is None:
         probe_started = time.perf_counter()
@@ -98,7 +92,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     kept = before_training(output_dir, resume_from, lambda: {
         "linear_probe": probe,
-        "held_out_before": evaluate_full() if eval_batches and config.eval.before_training else None})
+        "held_out_before": evaluate_full() if eval_batches and config.eval.before_training else None},
+        write=runtime.is_main)
     probe, before = kept.get("linear_probe"), kept.get("held_out_before")
     if before:
         console.print("[bold]before[/] " + _fmt(scalar_metrics(before)))
@@ -119,11 +114,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     fit_started = time.perf_counter()
     result = fit(model, plan, compute_loss, lambda b: b["num_examples"], tc, output_dir, config_yaml,
                  evaluate=(lambda: scalar_metrics(evaluate_full())) if eval_batches else None,
-                 resume_from=resume_from, device=device)
+                 resume_from=resume_from, device=device, runtime=runtime)
     fit_seconds = time.perf_counter() - fit_started
     state, history = result.state, result.history
     best_step = state.best_step if state.best_step is not None else (state.step if eval_batches else None)
-    best = evaluate_full() if eval_batches else None  # the weights fit left: the best, or the last without selection
+    # The weights fit left (the best, or the last without selection), evaluated inside the wrapper.
+    best = runtime.evaluate(evaluate_full) if eval_batches else None
 
     results = {
         "label_space": {"problem_type": cc.problem_type, "names": data.labels.names, "threshold": cc.threshold},
@@ -135,15 +131,24 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         "train_seconds": round(time.perf_counter() - started, 1), "head_modules": head_modules,
     }
     model.train(False)
-    save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
-             config_yaml=config_yaml, results=results, task_type="SEQ_CLS", lineage=lineage,
-             modules_to_save=head_modules if tc.method == "lora" else [])
-    plot_loss_curve(history, output_dir / "loss_curve.png", title=f"classification {config.model.name_or_path}")
-    if best and "confusion_matrix" in best:
-        plot_confusion_matrix(best["confusion_matrix"], data.labels.names,
-                              output_dir / "confusion_matrix.png", title=f"held-out, step {best_step}")
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
+    with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
+        runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
+                        config_yaml=config_yaml, results=results, task_type="SEQ_CLS", lineage=lineage,
+                        modules_to_save=head_modules if tc.method == "lora" else [],
+                        state_dict=weights)
+    runtime.on_main(_plots, history, best, data.labels.names, output_dir, config.model.name_or_path, best_step)
     _report(console, results, output_dir)
+    runtime.close()
     return results
+
+
+def _plots(history: list[dict[str, Any]], best: dict[str, Any] | None, names: list[str], output_dir: Path,
+           model_name: str, best_step: int | None) -> None:
+    plot_loss_curve(history, output_dir / "loss_curve.png", title=f"classification {model_name}")
+    if best and "confusion_matrix" in best:
+        plot_confusion_matrix(best["confusion_matrix"], names, output_dir / "confusion_matrix.png",
+                              title=f"held-out, step {best_step}")
 
 
 def load_classifier(config: Config, labels: LabelSpace, tokenizer: Any) -> tuple[nn.Module, list[str]]:

@@ -42,15 +42,15 @@ from tunelab.eval.report import print_side_by_side
 from tunelab.models.generate import generate_replies
 from tunelab.models.lineage import start_lineage
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
-from tunelab.models.run import load_start_tokenizer, load_weights, save_run
+from tunelab.models.run import load_start_tokenizer, load_weights, save_run, whole_state_dict
 from tunelab.recipes.prepare import (
-    before_training, quantize_base, check_output_dir, count_parameters, seed_everything,
-    setup_trainable, upcast_trainable, weights_dtype,
+    before_training, quantize_base, count_parameters, setup_trainable, start_run, upcast_trainable, weights_dtype,
 )
 from tunelab.recipes.reward import wilson_interval
 from tunelab.training.loop import Batch, BatchPlan, fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.precision import autocast, pick_device
+from tunelab.training.distributed import Runtime, single_process
+from tunelab.training.precision import autocast
 from tunelab.training.outputs import holds_run_lock
 
 
@@ -63,12 +63,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
         from tunelab.recipes.kto import train as train_kto
 
         return train_kto(config, resume=resume, overwrite=overwrite, console=console)
-    console = console or Console()
+    runtime, console, resume_from = start_run(config, resume, overwrite, console)  # torchrun: one call per rank
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data
-    resume_from = check_output_dir(output_dir, resume, overwrite)
-    seed_everything(tc.seed, tc.threads)
-    device = pick_device()
+    device = runtime.device
     config_yaml = dump_config(config)
 
     model, tokenizer, lineage = load_start_model(config, weights_dtype(config, device))
@@ -84,15 +82,16 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     reference = None
     if kind in ("frozen_copy", "precomputed"):  # built from the starting weights, before any training
         reference = make_reference(kind, model, batches=plan.make_epoch(0) + eval_batches, cache_path=cache,
-                                   device=device)
+                                   device=device, runtime=runtime)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_preference(model, eval_batches, reference, pc, device, tc.precision)
+        return evaluate_preference(model, eval_batches, reference, pc, device, tc.precision, runtime)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
     kept = before_training(output_dir, resume_from, lambda: {
         "answers_before": _answers(model, tokenizer, prompts, config),
-        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None})
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None},
+        write=runtime.is_main)
     before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
     if before:
         console.print("[bold]before[/] " + _fmt(before))
@@ -108,18 +107,21 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                   f"({tc.method}), loss {pc.loss} beta {pc.beta}, reference {kind}, device {device}")
     result = fit(model, plan, lambda m, b, n: preference_step_loss(m, b, n, reference, pc), lambda b: b["num_pairs"],
                  tc, output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
-                 device=device)
+                 device=device, runtime=runtime)
     after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
-    answers_after = _answers(model, tokenizer, prompts, config)
+    with runtime.full_weights():  # FSDP: gather the shards so the model generates as a whole
+        answers_after = _answers(model, tokenizer, prompts, config)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(),
                "loss": pc.loss, "beta": pc.beta, "reference": kind, "held_out_before": before,
                "held_out_after": after, "steps": result.state.step, **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
-    _save(model, tokenizer, config, config_yaml, results, lineage)
-    plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"{pc.loss} {config.model.name_or_path}")
+    _save(model, tokenizer, config, config_yaml, results, lineage, runtime)
+    runtime.on_main(plot_loss_curve, result.history, output_dir / "loss_curve.png",
+                    title=f"{pc.loss} {config.model.name_or_path}")
     _report(console, results, output_dir)
+    runtime.close()
     return results
 
 
@@ -145,11 +147,15 @@ def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[st
 
 
 def _save(model: nn.Module, tokenizer: Any, config: Config, config_yaml: str, results: dict[str, Any],
-          lineage: list[dict[str, Any]]) -> None:
-    """Save the run (with the lineage of the earlier runs it started from)."""
+          lineage: list[dict[str, Any]], runtime: Runtime) -> None:
+    """Save the run with the lineage of the earlier runs it started from (rank 0, from the whole weights;
+    collective under FSDP)."""
     model.train(False)
-    save_run(Path(config.output_dir), model, tokenizer, method=config.train.method,
-             base_model=config.model.name_or_path, config_yaml=config_yaml, results=results, lineage=lineage)
+    weights = whole_state_dict(model) if config.train.method != "lora" else None  # FSDP full: gathered (collective)
+    with runtime.full_weights():
+        runtime.on_main(save_run, Path(config.output_dir), model, tokenizer, method=config.train.method,
+                        base_model=config.model.name_or_path, config_yaml=config_yaml, results=results,
+                        lineage=lineage, state_dict=weights)
 
 
 def load_start_model(config: Config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
@@ -207,21 +213,26 @@ def preference_step_loss(model: nn.Module, batch: Batch, normalizer: int, refere
 
 @torch.no_grad()
 def evaluate_preference(model: nn.Module, batches: list[Batch], reference: Reference | None, pc: PreferenceConfig,
-                        device: torch.device, precision: str = "fp32") -> dict[str, float]:
+                        device: torch.device, precision: str = "fp32",
+                        runtime: Runtime | None = None) -> dict[str, float]:
     """Loss and metrics over all held-out pairs at once, plus the policy's own preference accuracy.
 
-    Before any training (no reference built yet) the reference is the policy itself.
+    Before any training (no reference built yet) the reference is the policy itself. With a distributed
+    ``runtime`` each rank scores its share of the batches and the log-probs of all pairs are gathered
+    before the metrics are computed (the same values as one process; collective).
     """
-    sides: dict[str, list[torch.Tensor]] = {k: [] for k in ("pc", "pr", "nc", "nr", "rc", "rr")}
-    for batch in batches:
+    keys = ("pc", "pr", "nc", "nr", "rc", "rr")
+
+    def run(batch: Batch) -> dict[str, torch.Tensor]:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(precision, device):
             policy = eval_pair_logps(model, tensors)
             ref = reference(tensors) if reference is not None else policy
-        for key, value in zip(sides, (policy.chosen, policy.rejected, policy.chosen_tokens, policy.rejected_tokens,
-                                      ref.chosen, ref.rejected)):
-            sides[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
-    s = {k: torch.cat(v) for k, v in sides.items()}
+        values = (policy.chosen, policy.rejected, policy.chosen_tokens, policy.rejected_tokens, ref.chosen, ref.rejected)
+        return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in zip(keys, values)}
+
+    outputs = (runtime or single_process(device)).map_shards(run, batches)
+    s = {k: torch.cat([o[k] for o in outputs]) for k in keys}
     return pair_metrics(pc, PairLogps(s["pc"], s["pr"], s["nc"], s["nr"]), PairLogps(s["rc"], s["rr"], s["nc"], s["nr"]))
 
 

@@ -13,7 +13,8 @@ held-out records are pairs, the same pair metrics a DPO run reports (``pairs/pol
 same forward passes),
 so KTO and DPO runs on the same pairs compare directly. Deliberate simplifications: ``z_ref`` is
 estimated per micro-batch (the paper and TRL gather it over the whole, possibly distributed,
-batch); no precomputed reference (the mismatched pairs change with the batch).
+batch), which also keeps several processes exactly equal to one with the same micro-batches; no
+precomputed reference (the mismatched pairs change with the batch).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from tunelab.losses.preference import kto_loss
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
 from tunelab.recipes.dpo import _answers, _report, _sample_prompts, _save, load_start_model, pair_metrics
 from tunelab.recipes.prepare import (
-    before_training, quantize_base, check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable,
-    weights_dtype,
+    before_training, quantize_base, count_parameters, setup_trainable, start_run, upcast_trainable, weights_dtype,
 )
 from tunelab.training.loop import Batch, fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.precision import autocast, pick_device
+from tunelab.training.distributed import Runtime, single_process
+from tunelab.training.precision import autocast
 
 
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
@@ -49,12 +50,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     Entered through :func:`tunelab.recipes.dpo.train` (``task: dpo``, ``preference.loss: kto``), whose
     decorator has already checked and locked ``output_dir`` for the whole run."""
-    console = console or Console()
+    runtime, console, resume_from = start_run(config, resume, overwrite, console)  # torchrun: one call per rank
     started = time.perf_counter()
     output_dir, tc, pc, dc = Path(config.output_dir), config.train, config.preference, config.data
-    resume_from = check_output_dir(output_dir, resume, overwrite)
-    seed_everything(tc.seed, tc.threads)
-    device = pick_device()
+    device = runtime.device
     config_yaml = dump_config(config)
     model, tokenizer, lineage = load_start_model(config, weights_dtype(config, device))
     model.to(device)
@@ -70,15 +69,16 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     eval_batches = kto_batch_plan(data.validation, encode, batch_size=config.eval.batch_size, shuffle=False, seed=0,
                                   pad_token_id=pad).make_epoch(0) if data.validation else []
     kind = pc.resolved_reference(tc.method)
-    reference = make_reference(kind, model) if kind == "frozen_copy" else None
+    reference = make_reference(kind, model, runtime=runtime) if kind == "frozen_copy" else None
 
     def evaluate() -> dict[str, float]:
-        return evaluate_kto(model, eval_batches, data.validation_pairs, reference, pc, device, tc.precision)
+        return evaluate_kto(model, eval_batches, data.validation_pairs, reference, pc, device, tc.precision, runtime)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
     kept = before_training(output_dir, resume_from, lambda: {
         "answers_before": _answers(model, tokenizer, prompts, config),
-        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None})
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None},
+        write=runtime.is_main)
     before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
 
     setup_trainable(model, config)
@@ -93,9 +93,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                   f"reference {kind}, device {device}")
     result = fit(model, plan, lambda m, b, n: kto_step_loss(m, b, n, reference, pc), lambda b: b["num_pairs"],
                  tc, output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
-                 device=device)
+                 device=device, runtime=runtime)
     after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
-    answers_after = _answers(model, tokenizer, prompts, config)
+    with runtime.full_weights():  # FSDP: gather the shards so the model generates as a whole
+        answers_after = _answers(model, tokenizer, prompts, config)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(), "loss": "kto",
                "beta": pc.beta, "desirable_weight": pc.desirable_weight, "undesirable_weight": pc.undesirable_weight,
                "reference": kind, "held_out_before": before, "held_out_after": after, "steps": result.state.step,
@@ -103,13 +104,15 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": reply_text(p), "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
-    _save(model, tokenizer, config, config_yaml, results, lineage)
-    plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"kto {config.model.name_or_path}")
+    _save(model, tokenizer, config, config_yaml, results, lineage, runtime)
+    runtime.on_main(plot_loss_curve, result.history, output_dir / "loss_curve.png",
+                    title=f"kto {config.model.name_or_path}")
     if after and "pairs" in after:
         _report(console, {**results, "held_out_before": _pair_view(before), "held_out_after": _pair_view(after)},
                 output_dir)
     else:
         console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")
+    runtime.close()
     return results
 
 
@@ -138,21 +141,27 @@ def kto_step_loss(model: nn.Module, batch: Batch, normalizer: int, reference: Re
 
 @torch.no_grad()
 def evaluate_kto(model: nn.Module, batches: list[Batch], pairs: list[tuple[int, int]], reference: Reference | None,
-                 pc: PreferenceConfig, device: torch.device, precision: str = "fp32") -> dict[str, float]:
+                 pc: PreferenceConfig, device: torch.device, precision: str = "fp32",
+                 runtime: Runtime | None = None) -> dict[str, float]:
     """KTO loss and metrics over all held-out examples at once (z_ref from all their mismatched rows), plus
     DPO-comparable pair metrics (``pairs/...``, :func:`tunelab.recipes.dpo.pair_metrics` with the DPO loss)
     from the same forward passes: ``pairs`` holds ``(desirable, undesirable)`` example indices of held-out
-    records that were pairs. Before training (no reference yet) the reference is the policy itself."""
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("pl", "rl", "pkl", "rkl", "des", "kl_mask", "n", "idx")}
-    for batch in batches:
+    records that were pairs. Before training (no reference yet) the reference is the policy itself. With a
+    distributed ``runtime`` each rank runs its share of the batches and every column is gathered first, so
+    ``z_ref`` and the metrics cover all held-out examples, as on one process (collective)."""
+    keys = ("pl", "rl", "pkl", "rkl", "des", "kl_mask", "n", "idx")
+
+    def run(batch: Batch) -> dict[str, torch.Tensor]:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(precision, device):
             policy = eval_pair_logps(model, tensors)
             ref = reference(tensors) if reference is not None else policy
-        for key, value in zip(cols, (policy.chosen, ref.chosen, policy.rejected, ref.rejected, tensors["desirable"],
-                                     tensors["kl_mask"], policy.chosen_tokens, tensors["pair_index"])):
-            cols[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
-    c = {k: torch.cat(v) for k, v in cols.items()}
+        values = (policy.chosen, ref.chosen, policy.rejected, ref.rejected, tensors["desirable"], tensors["kl_mask"],
+                  policy.chosen_tokens, tensors["pair_index"])
+        return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in zip(keys, values)}
+
+    outputs = (runtime or single_process(device)).map_shards(run, batches)
+    c = {k: torch.cat([o[k] for o in outputs]) for k in keys}
     loss, metrics = kto_loss(c["pl"], c["rl"], c["des"], c["pkl"], c["rkl"], c["kl_mask"], beta=pc.beta,
                              desirable_weight=pc.desirable_weight, undesirable_weight=pc.undesirable_weight)
     out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "examples": int(c["pl"].numel())}

@@ -18,7 +18,7 @@ from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
 from tunelab.quant.nf4 import quantize_frozen_linears
-from tunelab.training.distributed import env_world_size
+from tunelab.training.distributed import Runtime, env_world_size, init_distributed
 from tunelab.training.outputs import BEFORE_TRAINING, RUN_MARKERS, atomic_file, check_output_dir  # noqa: F401
 
 
@@ -28,6 +28,27 @@ def seed_everything(seed: int, threads: int | None) -> None:
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
+
+
+def start_run(config: Config, resume: bool | str | None, overwrite: bool,
+              console: Any = None) -> tuple[Runtime, Any, Path | None]:
+    """What every recipe does first: join the run (one process, or a rank under torchrun), pick the
+    console (quiet on ranks other than 0), check ``output_dir`` on rank 0 (taking the run lock there)
+    and seed every RNG.
+
+    Returns:
+        ``(runtime, console, resume_from)``: the :class:`~tunelab.training.distributed.Runtime` (its
+        ``device`` is the one to train on), the console, and the checkpoint to resume from (the same
+        on every rank) or None.
+
+    Raises:
+        TunelabError: as :func:`tunelab.training.distributed.init_distributed` and
+            :func:`tunelab.training.outputs.check_output_dir` (on rank 0).
+    """
+    runtime = init_distributed(config.distributed, config.train.precision)
+    resume_from = runtime.from_main(check_output_dir, Path(config.output_dir), resume, overwrite)
+    seed_everything(config.train.seed, config.train.threads)
+    return runtime, runtime.console(console), resume_from
 
 
 def before_training(output_dir: Path, resume_from: Path | None, measure: Callable[[], dict[str, Any]], *,

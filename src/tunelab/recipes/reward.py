@@ -35,14 +35,14 @@ from tunelab.models.linear_probe import init_reward_head_by_probe
 from tunelab.models.lineage import start_lineage
 from tunelab.models.run import load_start_tokenizer, load_weights
 from tunelab.models.logps import reward_scores
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.recipes.prepare import (
-    before_training, quantize_base, check_output_dir, count_parameters, seed_everything,
-    setup_trainable, upcast_trainable, weights_dtype,
+    before_training, quantize_base, count_parameters, setup_trainable, start_run, upcast_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.precision import autocast, pick_device
+from tunelab.training.distributed import Runtime, single_process
+from tunelab.training.precision import autocast
 from tunelab.training.outputs import holds_run_lock
 
 HEAD_NAMES = ("score", "classifier", "pre_classifier")
@@ -54,12 +54,10 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     """Train a Bradley-Terry reward model as configured; returns the results stored in ``tunelab.json``."""
     from transformers import AutoModelForSequenceClassification
 
-    console = console or Console()
+    runtime, console, resume_from = start_run(config, resume, overwrite, console)  # torchrun: one call per rank
     started = time.perf_counter()
     output_dir, tc, pc = Path(config.output_dir), config.train, config.preference
-    resume_from = check_output_dir(output_dir, resume, overwrite)
-    seed_everything(tc.seed, tc.threads)
-    device = pick_device()
+    device = runtime.device
     config_yaml = dump_config(config)
 
     mc = config.model
@@ -82,7 +80,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                     for i in range(0, len(data.validation), config.eval.batch_size)]
 
     def evaluate() -> dict[str, float]:
-        return evaluate_reward(model, eval_batches, device, tc.precision)
+        return evaluate_reward(model, eval_batches, device, tc.precision, runtime)
 
     probe = None
     if pc.head_init == "linear_probe" and resume_from is None:
@@ -94,7 +92,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     kept = before_training(output_dir, resume_from, lambda: {
         "linear_probe": probe,
-        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None})
+        "held_out_before": evaluate() if eval_batches and config.eval.before_training else None},
+        write=runtime.is_main)
     probe, before = kept.get("linear_probe"), kept.get("held_out_before")
     if before:
         console.print(f"[bold]before[/] held-out pairwise accuracy {_fmt_acc(before)}  margin {before['margin']:+.4f}")
@@ -114,17 +113,22 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     use_margin = pc.margin > 0 or pc.margin_field is not None
     result = fit(model, plan, lambda m, b, n: reward_loss(m, b, n, use_margin), lambda b: b["num_pairs"], tc,
                  output_dir, config_yaml, evaluate=evaluate if eval_batches else None, resume_from=resume_from,
-                 device=device)
+                 device=device, runtime=runtime)
     after = result.held_out()  # the best evaluation's with train.metric_for_best (its weights are saved)
     results = {"train": data.train_stats.summary(), "held_out": data.validation_stats.summary(),
                "linear_probe": probe, "held_out_before": before, "held_out_after": after, "steps": result.state.step,
                **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1)}
     model.train(False)
-    save_run(output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path, config_yaml=config_yaml,
-             results=results, task_type="SEQ_CLS", modules_to_save=saved_modules, lineage=lineage)
-    plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"reward model {mc.name_or_path}")
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
+    with runtime.full_weights():  # FSDP: gather the shards so rank 0 saves the whole model
+        runtime.on_main(save_run, output_dir, model, tokenizer, method=tc.method, base_model=mc.name_or_path,
+                        config_yaml=config_yaml, results=results, task_type="SEQ_CLS", modules_to_save=saved_modules,
+                        lineage=lineage, state_dict=weights)
+    runtime.on_main(plot_loss_curve, result.history, output_dir / "loss_curve.png",
+                    title=f"reward model {mc.name_or_path}")
     _report(console, results, output_dir)
+    runtime.close()
     return results
 
 
@@ -153,26 +157,31 @@ def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], normalizer: in
 
 @torch.no_grad()
 def score_batches(model: nn.Module, batches: list[dict[str, Any]], device: torch.device,
-                  precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected scores (each (N,) float32, in batch order) of ``[chosen; rejected]`` batches."""
+                  precision: str = "fp32", runtime: Runtime | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores (each (N,) float32, in batch order) of ``[chosen; rejected]`` batches.
+
+    With a distributed ``runtime`` the batches are shared over the ranks and the scores gathered, so
+    every rank returns all N pairs' scores (collective)."""
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
-    for batch in batches:
+
+    def run(batch: dict[str, Any]) -> torch.Tensor:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(precision, device):
-            scores = reward_scores(model, tensors).float().cpu()
-        half = scores.shape[0] // 2
-        chosen.append(scores[:half])
-        rejected.append(scores[half:])
+            return reward_scores(model, tensors).float().cpu()
+
+    scores = (runtime or single_process(device)).map_shards(run, batches)
     model.train(was_training)
+    chosen = [s[: s.shape[0] // 2] for s in scores]
+    rejected = [s[s.shape[0] // 2 :] for s in scores]
     return torch.cat(chosen), torch.cat(rejected)
 
 
 def evaluate_reward(model: nn.Module, batches: list[dict[str, Any]], device: torch.device,
-                    precision: str = "fp32") -> dict[str, float]:
-    """Held-out pairwise accuracy (with its Wilson 95% interval), mean margin and BT loss."""
-    chosen, rejected = score_batches(model, batches, device, precision)
+                    precision: str = "fp32", runtime: Runtime | None = None) -> dict[str, float]:
+    """Held-out pairwise accuracy (with its Wilson 95% interval), mean margin and BT loss, from the scores
+    of all held-out pairs (gathered over the ranks with a distributed ``runtime``; collective)."""
+    chosen, rejected = score_batches(model, batches, device, precision, runtime)
     return pairwise_summary(chosen, rejected)
 
 

@@ -28,12 +28,11 @@ from tunelab.models.lineage import start_lineage
 from tunelab.models.run import load_start_tokenizer, load_weights, save_run, whole_state_dict
 from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
-    before_training, quantize_base, check_output_dir, configure_attention_backends, count_parameters,
-    seed_everything, setup_trainable, weights_dtype,
+    before_training, configure_attention_backends, count_parameters, quantize_base, setup_trainable, start_run,
+    weights_dtype,
 )
 from tunelab.training.loop import fit, selection_results
 from tunelab.training.metrics import plot_loss_curve
-from tunelab.training.distributed import init_distributed
 from tunelab.training.outputs import holds_run_lock
 
 
@@ -41,12 +40,9 @@ from tunelab.training.outputs import holds_run_lock
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the before/after results also stored in ``tunelab.json``."""
-    runtime = init_distributed(config.distributed, config.train.precision)  # torchrun: one call per rank
-    console = (console or Console()) if runtime.is_main else Console(quiet=True)
+    runtime, console, resume_from = start_run(config, resume, overwrite, console)  # torchrun: one call per rank
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    resume_from = runtime.broadcast(check_output_dir(output_dir, resume, overwrite) if runtime.is_main else None)
-    seed_everything(config.train.seed, config.train.threads)
     configure_attention_backends(config)
     device = runtime.device
     config_yaml = dump_config(config)

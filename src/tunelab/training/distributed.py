@@ -21,7 +21,9 @@ Contract with :func:`tunelab.training.loop.fit` (which every recipe uses):
 FSDP2 (``torch.distributed.fsdp.fully_shard``) is the per-parameter-sharding FSDP of PyTorch ≥ 2.4
 (Zhao et al. 2023, "PyTorch FSDP", arXiv:2304.11277, ZeRO-3 style; Rajbhandari et al. 2020,
 arXiv:1910.02054). Simplifications: one flat data-parallel mesh (no HSDP / tensor parallelism);
-evaluation and sample generation run redundantly on every rank.
+sample generation runs redundantly on every rank. Held-out evaluation of the classification, reward
+and preference recipes is shared over the ranks and gathered (:meth:`Runtime.map_shards`); SFT's runs
+on every rank.
 """
 
 from __future__ import annotations
@@ -225,6 +227,67 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def from_main(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` run on rank 0 only; its (picklable) result on every rank. Collective.
+
+        For decisions one rank must take alone (the output-directory check, a cache hit); when ``fn``
+        raises on rank 0 the other ranks wait in the broadcast until torchrun stops them.
+        """
+        return self.broadcast(fn(*args, **kwargs) if self.is_main else None)
+
+    def on_main(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on rank 0 (the rank that writes the final files); None elsewhere. Not collective."""
+        return fn(*args, **kwargs) if self.is_main else None
+
+    def console(self, console: Any = None) -> Any:
+        """The rich ``Console`` this rank prints on: ``console`` (or a new one) on rank 0, a quiet one elsewhere."""
+        from rich.console import Console
+
+        return (console or Console()) if self.is_main else Console(quiet=True)
+
+    def map_shards(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``[fn(item) for item in items]`` with the items shared round-robin over the ranks. Collective.
+
+        Rank ``r`` calls ``fn`` on items ``r, r + W, ...``; the (picklable, e.g. CPU tensor) results of
+        every rank are gathered back into item order on every rank. Every rank calls ``fn`` equally
+        often, ``ceil(N / W)`` times (a rank short of items repeats item 0 and drops the result), because
+        under FSDP each forward pass all-gathers the layer shards with every rank. Used for held-out
+        evaluation and the precomputed reference: metrics computed from the gathered outputs equal one
+        process's exactly (accuracy, macro-F1, pairwise accuracy, KTO's ``z_ref`` over all examples).
+        """
+        if not self.is_distributed or self.world_size == 1 or not items:
+            return [fn(item) for item in items]
+        rounds = -(-len(items) // self.world_size)
+        mine = []
+        for i in range(self.rank, rounds * self.world_size, self.world_size):
+            if i < len(items):
+                mine.append(fn(items[i]))
+            else:
+                fn(items[0])  # the same number of forward passes as the other ranks; result dropped
+        gathered: list[list[Any]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, mine)
+        return [gathered[i % self.world_size][i // self.world_size] for i in range(len(items))]
+
+    def evaluate(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` without gradients, through the wrapper's forward once :meth:`wrap` ran (FSDP's root then
+        gathers the embedding/head shards and each layer its own), directly before. Collective under FSDP."""
+        with torch.no_grad():
+            return self.wrapped(lambda _model: fn()) if self.wrapped is not None else fn()
+
+    def shard_frozen(self, model: nn.Module) -> nn.Module:
+        """A frozen model (a DPO/KTO reference copy) placed like the policy; returns a :class:`LossModule`.
+
+        Call it as ``runner(fn, *args)`` to get ``fn(model, *args)``. Under FSDP its decoder layers and
+        root are sharded with the policy's options (each rank holds ``1/W`` of the copy; each call
+        all-gathers, so every rank must call it equally often); under DDP or one process it is the whole
+        model (no gradients, nothing to synchronize).
+        """
+        model.requires_grad_(False).eval()
+        root = LossModule(model)
+        if self.strategy == "fsdp":
+            _wrap_fsdp(root, self.device, self.config, self.precision)
+        return root
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

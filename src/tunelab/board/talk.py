@@ -110,6 +110,6 @@ def predict_text(run_dir: Path, text: str, text_pair: str | None = None) -> dict
                                    overlong="truncate", where="board input")
     batch = collate_classification(examples, tokenizer.pad_token_id)
     with _lock:
-        logits = predict_logits(model, [batch], next(model.parameters()).device)
+        logits = predict_logits(model, [batch], next(model.parameters()).device, pooling=cc.pooling)
     row = probabilities(labels.problem_type, logits)[0].tolist()
     return prediction(labels.problem_type, labels.names, row, cc.threshold)

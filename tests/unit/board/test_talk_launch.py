@@ -18,7 +18,8 @@ from tunelab.board.launch import Launcher
 from tunelab.errors import TunelabError
 
 
-def test_predict_gives_the_label_and_probabilities_tunelab_predict_gives(tmp_path):
+@pytest.mark.parametrize("pooling", ["model", "mean"])  # mean: failed when the board ignored the run's pooling
+def test_predict_gives_the_label_and_probabilities_tunelab_predict_gives(tmp_path, pooling):
     from tunelab.cli.classify_cmds import predict_run
     from tunelab.config.load import validate_config
     from tunelab.models.loading import load_tokenizer
@@ -26,7 +27,7 @@ def test_predict_gives_the_label_and_probabilities_tunelab_predict_gives(tmp_pat
 
     encoder = tiny_base_dir("encoder", tmp_path / "enc", load_tokenizer("all-minilm-l6-v2"))
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows())
-    config = make_config(tmp_path, encoder, data)
+    config = make_config(tmp_path, encoder, data, pooling=pooling)
     config["train"].update(epochs=1, eval_every=None, save_every=None, metric_for_best=None)
     config["eval"]["before_training"] = False
     train(validate_config(config), console=Console(quiet=True))

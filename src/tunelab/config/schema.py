@@ -267,6 +267,12 @@ class EvalConfig(StrictModel):
     max_new_tokens: int = Field(
         64, ge=1, description="Generation budget for the side-by-side answers and the next-line eval (tokens)."
     )
+    next_line_samples: int = Field(
+        0, ge=0,
+        description="task=sft on raw text: held-out Python lines scored by next-line exact match before and after "
+        "training (given a held-out function's source up to a line, the greedy next line must equal the real one "
+        "after stripping whitespace; a fixed sample by hash of file and line). 0 = off.",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
 
 

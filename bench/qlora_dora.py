@@ -2,6 +2,7 @@
 
 Usage: ``python -m bench.qlora_dora cpu --steps 10 [--json-out bench/results/qlora_dora_cpu.json]``
        ``python -m bench.qlora_dora memory``   (NF4 vs bf16 bytes of a Llama-3.2-1B-shaped model)
+       ``python -m bench.qlora_dora base-loss`` (held-out loss of the untrained base: fp32 vs NF4 vs int4)
 
 CPU run: every setting trains in its own fresh process (peak RSS = that process's ``ru_maxrss``):
 
@@ -142,6 +143,54 @@ def dequant_speed(threads: int, repeats: int = 20) -> dict:
     return {"kind": "dequant", "threads": threads, "repeats": repeats, "rows": rows}
 
 
+def int4_absmax_(model, block_size: int = 64) -> None:
+    """Round every decoder linear (not the LM head) to symmetric 4-bit integers with one fp32 absmax per
+    ``block_size`` weights, in place: a plain uniform 4-bit format to compare NF4's error against."""
+    import torch
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not head:
+                w = module.weight.view(-1, block_size)
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 7
+                module.weight.copy_(((w / scale).round().clamp(-7, 7) * scale).view_as(module.weight))
+
+
+def base_loss(threads: int) -> dict:
+    """Held-out loss of the quickstart's validation split under the untrained SmolLM2 base: fp32 weights,
+    tunelab's NF4 (``model.quantize: nf4``), and a uniform int4 absmax format with the same block size —
+    the cost of 4-bit storage before any adapter training (the recipe's own batches and loss)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.assets import smollm2_dir
+    from tunelab.config.load import load_config
+    from tunelab.data.batching import sft_batch_plan
+    from tunelab.data.pipeline import prepare_data
+    from tunelab.data.templates import resolve_chat_template
+    from tunelab.eval.perplexity import evaluate_lm
+    from tunelab.quant.nf4 import quantize_frozen_linears
+
+    torch.set_num_threads(threads)
+    config = load_config(str(QUICKSTART), [])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    resolve_chat_template(tokenizer, config.model.chat_template, config.data.system_prompt)
+    data = prepare_data(config.data, tokenizer, config.train.seed)
+    batches = sft_batch_plan(data.validation, batch_size=config.eval.batch_size, max_seq_len=config.data.max_seq_len,
+                             packing=config.data.packing, shuffle=False, seed=0,
+                             pad_token_id=tokenizer.pad_token_id).make_epoch(0)
+    rows = {}
+    for name, change in (("fp32", None), ("nf4 (tunelab)", quantize_frozen_linears), ("int4 absmax, block 64", int4_absmax_)):
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+        if change is not None:
+            change(model)
+        rows[name] = evaluate_lm(model, batches, torch.device("cpu"), precision="fp32")["loss"]
+    return {"kind": "base_loss", "held_out_loss": rows,
+            "vs_fp32": {k: v / rows["fp32"] for k, v in rows.items()}}
+
+
 def _child(kind: str, kwargs: dict) -> dict:
     """One setting; adds the machine's 1-minute load average before and after (shared-machine contention)."""
     load_before = os.getloadavg()[0]
@@ -263,7 +312,7 @@ def main(argv=None) -> int:
         emit_json_result(_child, argv[1], json.loads(argv[2]))
         return 0
     ap = argparse.ArgumentParser(description="LoRA vs QLoRA vs DoRA (tunelab) vs PEFT LoRA/DoRA")
-    ap.add_argument("target", choices=["cpu", "memory", "dequant"])
+    ap.add_argument("target", choices=["cpu", "memory", "dequant", "base-loss"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=None)
@@ -279,6 +328,9 @@ def main(argv=None) -> int:
         print(json.dumps(results[0], indent=1))
     elif args.target == "dequant":
         results = [dequant_speed(args.threads)]
+        print(json.dumps(results[0], indent=1))
+    elif args.target == "base-loss":
+        results = [base_loss(args.threads)]
         print(json.dumps(results[0], indent=1))
     else:
         results = run_cpu(args)

@@ -38,7 +38,7 @@ from tunelab.models.linear_probe import init_head_by_probe
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    before_training, check_output_dir, count_parameters, seed_everything, setup_trainable,
+    before_training, quantize_base, check_output_dir, count_parameters, seed_everything, setup_trainable,
 )
 from tunelab.training.loop import fit
 from tunelab.training.metrics import plot_loss_curve
@@ -73,6 +73,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     model, head_modules = load_classifier(config, data.labels, tokenizer)
     model.to(device)
+    quantize_base(model, config.model.quantize, exclude=head_modules)  # QLoRA: "before", probe, reference see the NF4 base
     weights = class_weight_vector(cc.class_weights, data.train, data.labels)
     eval_batches = classification_batch_plan(data.validation, batch_size=config.eval.batch_size, shuffle=False,
                                              seed=0, pad_token_id=tokenizer.pad_token_id).make_epoch(0)

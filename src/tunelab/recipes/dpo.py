@@ -44,7 +44,7 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
 from tunelab.models.run import load_run, save_run
 from tunelab.recipes.prepare import (
-    before_training, check_output_dir, count_parameters, seed_everything,
+    before_training, quantize_base, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
 )
 from tunelab.recipes.reward import wilson_interval
@@ -73,6 +73,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
 
     model, tokenizer, from_adapter = load_start_model(config, weights_dtype(config, device))
     model.to(device)
+    quantize_base(model, config.model.quantize)  # QLoRA: "before", probe, reference see the NF4 base
     if pc.disable_dropout:
         disable_dropout(model)
     data = prepare_pairs(dc, tokenizer, tc.seed)

@@ -35,7 +35,7 @@ from tunelab.losses.preference import kto_loss
 from tunelab.models.logps import PairLogps, Reference, disable_dropout, eval_pair_logps, make_reference, pair_logps
 from tunelab.recipes.dpo import _answers, _report, _sample_prompts, _save, load_start_model, pair_metrics
 from tunelab.recipes.prepare import (
-    before_training, check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable,
+    before_training, quantize_base, check_output_dir, count_parameters, seed_everything, setup_trainable, upcast_trainable,
     weights_dtype,
 )
 from tunelab.training.loop import Batch, fit, selection_results
@@ -58,6 +58,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     config_yaml = dump_config(config)
     model, tokenizer, from_adapter = load_start_model(config, weights_dtype(config, device))
     model.to(device)
+    quantize_base(model, config.model.quantize)  # QLoRA: "before", probe, reference see the NF4 base
     if pc.disable_dropout:
         disable_dropout(model)
     data = prepare_kto(dc, tokenizer, tc.seed)

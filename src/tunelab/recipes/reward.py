@@ -36,7 +36,7 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.logps import reward_scores
 from tunelab.models.run import save_run
 from tunelab.recipes.prepare import (
-    before_training, check_output_dir, count_parameters, seed_everything,
+    before_training, quantize_base, check_output_dir, count_parameters, seed_everything,
     setup_trainable, upcast_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit, selection_results
@@ -75,6 +75,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = head_modules(model)
+    quantize_base(model, config.model.quantize, exclude=heads)  # QLoRA: "before", probe, reference see the NF4 base
     eval_batches = [preference_collate(data.validation[i:i + config.eval.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(data.validation), config.eval.batch_size)]
 

@@ -30,7 +30,7 @@ from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.models.run import save_run
 from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
-    before_training, check_output_dir, configure_attention_backends, count_parameters,
+    before_training, quantize_base, check_output_dir, configure_attention_backends, count_parameters,
     seed_everything, setup_trainable, weights_dtype,
 )
 from tunelab.training.loop import fit, selection_results
@@ -67,6 +67,7 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                        attn_implementation=config.model.attn_implementation,
                        dtype=weights_dtype(config, device)).to(device)
     vocab_modules = resize_for_tokenizer(model, tokenizer, added)
+    quantize_base(model, config.model.quantize, exclude=vocab_modules)  # QLoRA: "before", probe, reference see the NF4 base
     if added:
         console.print(f"[bold]tokens[/] added {added}; embeddings resized to {len(tokenizer)} rows (mean-initialised)")
     tc = config.train

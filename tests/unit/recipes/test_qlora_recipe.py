@@ -86,3 +86,48 @@ def test_quantize_under_several_processes_is_an_error_naming_model_quantize(monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TunelabError, match="model.quantize=nf4 is not supported with several processes"):
         quantize_base(make_tiny_llama(), "nf4")
+
+
+def test_before_training_measures_the_nf4_base_training_starts_from(tmp_path, decoder_dir):
+    """'held_out_before' of a QLoRA run is the quantized base's loss (what the adapter trains on and merge
+    produces at init), not the full-precision checkpoint's (failed before: it was measured before quantizing)."""
+    from rich.console import Console
+
+    from tunelab.recipes.sft import train
+
+    def before_and_after(tag, **overrides):
+        raw = raw_config(tmp_path / tag, decoder_dir, **{"eval.before_training": True, "train.max_steps": 1,
+                                                          "train.lr": 1e-12, **overrides})
+        results = train(validate_config(raw), console=Console(quiet=True))
+        return results["held_out_before"]["loss"], results["held_out_after"]["loss"]
+
+    for tag in ("a", "b"):
+        (tmp_path / tag).mkdir()
+    nf4_before, nf4_after = before_and_after("a")
+    plain_before, _ = before_and_after("b", **{"model.quantize": "none"})
+    assert nf4_after == pytest.approx(nf4_before, abs=1e-6)  # lr 1e-12: after ≈ the starting model
+    assert abs(nf4_before - plain_before) > 1e-4  # and the starting model is the NF4 base
+
+
+def test_dpo_precomputed_reference_is_the_nf4_base_so_step_one_is_ln2(tmp_path, decoder_dir):
+    """A precomputed DPO reference under QLoRA comes from the quantized base, so the policy at init equals
+    the reference and the first step's loss is ln 2 (failed before: logps came from the unquantized model)."""
+    import math
+
+    from rich.console import Console
+
+    from tunelab.recipes.dpo import train
+
+    pairs = [{"prompt": f"what is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"maybe {i + 3}, not sure."}
+             for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    raw = {"task": "dpo", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(decoder_dir), "quantize": "nf4"},
+           "data": {"train": {"path": str(data)}, "max_seq_len": 64}, "lora": {"r": 4, "alpha": 8},
+           "preference": {"reference": "precomputed"},
+           "train": {"method": "lora", "max_steps": 1, "batch_size": 2, "grad_accum": 1, "lr": 1e-2, "threads": 1},
+           "eval": {"before_training": False, "sample_questions": 0}}
+    train(validate_config(raw), console=Console(quiet=True))
+    step = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line))
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)

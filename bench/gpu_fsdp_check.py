@@ -5,13 +5,18 @@ loop under ``distributed.strategy=fsdp`` and prints the loss per step and peak G
   1. full fine-tune, FSDP, bf16 mixed precision, checkpoint at step 4;
   2. resume from that sharded checkpoint: steps 5..8 must repeat run 1's losses;
   3. the same training without FSDP (bf16 autocast): losses must track run 1 (bf16 tolerance);
-  4. LoRA + FSDP with CPU offload and activation checkpointing, a few steps.
+  4. LoRA + FSDP with CPU offload and activation checkpointing, a few steps;
+  5. (issue 19) one run of every recipe (sft, classification, reward, dpo, kto, grpo, ppo) through its own
+     ``train(config)`` under FSDP2 + bf16, each with a sharded checkpoint at step 2 (bench/gpu_recipes.py).
 Exits non-zero if a check fails. On a CPU-only machine it runs a small smoke version (gloo, fp32).
+``--recipes sft,grpo`` picks recipes (``none``: skip 5), ``--no-loop-checks`` skips 1-4, ``--plan DIR``
+only writes model, data and the validated configs of 5 into DIR (no training, no process group).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
 import sys
 import tempfile
 import time
@@ -29,6 +34,9 @@ from tunelab.models.causal_lm import lm_loss  # noqa: E402
 from tunelab.recipes.prepare import enable_gradient_checkpointing, setup_trainable  # noqa: E402
 from tunelab.training.distributed import init_distributed, single_process  # noqa: E402
 from tunelab.training.loop import fit  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_recipes import TASKS, plan, run_recipe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SIZE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -80,7 +88,65 @@ def train(name, model, runtime, out: Path, steps: int, resume=None, save_every=N
     return losses
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``--recipes`` (comma-separated tasks, ``all`` or ``none``), ``--no-loop-checks``, ``--plan DIR``.
+
+    Raises:
+        SystemExit: an unknown recipe name (argparse's usage error, status 2).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="all", help=f"comma-separated, from {','.join(TASKS)}; all; none")
+    parser.add_argument("--no-loop-checks", action="store_true", help="skip the fit() checks 1-4")
+    parser.add_argument("--plan", type=Path, help="write model, data and configs here and validate them; no training")
+    args = parser.parse_args(argv)
+    chosen = {"all": list(TASKS), "none": []}.get(args.recipes, [t for t in args.recipes.split(",") if t])
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {','.join(TASKS)}")
+    args.recipes = chosen
+    return args
+
+
+def loop_checks(runtime, tmp: Path) -> list[str]:
+    """Checks 1-4 (``fit`` under FSDP2: train, resume, against no FSDP, LoRA + offload); returns failures."""
+    failures = []
+    fsdp = train("fsdp full bf16", build_model("full", runtime.device), runtime, tmp / "a", 8, save_every=4)
+    resumed = train("fsdp resume@4", build_model("full", runtime.device),
+                    init_distributed(DistributedConfig(strategy="fsdp"), "auto"), tmp / "b", 8,
+                    resume=tmp / "a" / "checkpoints" / "step-000004")
+    # bf16 GPU kernels are not bitwise deterministic run to run: 2.6e-4 nats (2.6e-5 relative) was
+    # measured on an H200 (bench/results/distributed.md), so the GPU tolerance is relative 1e-4.
+    tol = (lambda a: 1e-4 * abs(a)) if torch.cuda.is_available() else (lambda a: 1e-5)
+    if any(abs(fsdp[s] - resumed[s]) > tol(fsdp[s]) for s in range(5, 9)):
+        failures.append("resume from the sharded checkpoint did not repeat the losses")
+    plain = train("no fsdp, bf16 autocast", build_model("full", runtime.device), single_process(runtime.device),
+                  tmp / "c", 8)
+    if any(abs(fsdp[s] - plain[s]) > 0.02 * abs(plain[s]) for s in fsdp):
+        failures.append("FSDP losses differ from the plain run by more than 2%")
+    if CUDA:
+        offload = DistributedConfig(strategy="fsdp", cpu_offload=True)
+        train("fsdp lora + cpu offload + act. ckpt", build_model("lora", runtime.device, checkpointing=True),
+              init_distributed(offload, "auto"), tmp / "d", 4)
+    return failures
+
+
+def recipe_checks(tasks: list[str], tmp: Path) -> list[str]:
+    """Check 5: one FSDP2 run per recipe; prints one JSON line per recipe, returns failures."""
+    failures = []
+    for task, config in plan(tmp / "recipes", CUDA, tasks).items():
+        result = run_recipe(task, config)
+        print(f"[recipe] {json.dumps(result)}", flush=True)
+        if not result["ok"]:
+            failures.append(f"recipe {task}: " + result.get("error", "no sharded checkpoint or no finite loss"))
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plan is not None:
+        configs = plan(args.plan, CUDA, args.recipes)
+        print(json.dumps({task: config.task for task, config in configs.items()}))
+        return 0
     runtime = init_distributed(DistributedConfig(strategy="fsdp"), "auto")
     import torch.distributed as dist
 
@@ -89,25 +155,11 @@ def main() -> int:
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fsdp = train("fsdp full bf16", build_model("full", runtime.device), runtime, tmp / "a", 8, save_every=4)
-        resumed = train("fsdp resume@4", build_model("full", runtime.device),
-                        init_distributed(DistributedConfig(strategy="fsdp"), "auto"), tmp / "b", 8,
-                        resume=tmp / "a" / "checkpoints" / "step-000004")
-        # bf16 GPU kernels are not bitwise deterministic run to run: 2.6e-4 nats (2.6e-5 relative) was
-        # measured on an H200 (bench/results/distributed.md), so the GPU tolerance is relative 1e-4.
-        tol = (lambda a: 1e-4 * abs(a)) if torch.cuda.is_available() else (lambda a: 1e-5)
-        if any(abs(fsdp[s] - resumed[s]) > tol(fsdp[s]) for s in range(5, 9)):
-            failures.append("resume from the sharded checkpoint did not repeat the losses")
-        plain = train("no fsdp, bf16 autocast", build_model("full", runtime.device), single_process(runtime.device),
-                      tmp / "c", 8)
-        if any(abs(fsdp[s] - plain[s]) > 0.02 * abs(plain[s]) for s in fsdp):
-            failures.append("FSDP losses differ from the plain run by more than 2%")
-        if CUDA:
-            offload = DistributedConfig(strategy="fsdp", cpu_offload=True)
-            train("fsdp lora + cpu offload + act. ckpt", build_model("lora", runtime.device, checkpointing=True),
-                  init_distributed(offload, "auto"), tmp / "d", 4)
+        if not args.no_loop_checks:
+            failures += loop_checks(runtime, tmp)
+        failures += recipe_checks(args.recipes, tmp)
     print("FAILED: " + "; ".join(failures) if failures else "OK: 1-process FSDP2 path works "
-          f"({dist.get_backend()}, {'bf16' if CUDA else 'fp32'})")
+          f"({dist.get_backend()}, {'bf16' if CUDA else 'fp32'}; recipes: {','.join(args.recipes) or 'none'})")
     runtime.close()
     return 1 if failures else 0
 

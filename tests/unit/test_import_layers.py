@@ -1,7 +1,7 @@
 """Import direction (STYLE.md): a lower layer never imports a higher one.
 
 0: losses, adapters, quant, data.collate, data.packing, errors (torch only) → 1: config, data, models, training
-→ 2: rollout, eval, export → 3: recipes → 4: cli. Imports inside functions count too.
+→ 2: rollout, eval, export → 3: recipes, board → 4: cli. Imports inside functions count too.
 """
 
 import ast
@@ -17,7 +17,7 @@ def layer(module: str) -> int | None:
     if ".".join(parts[:2]) in ("data.collate", "data.packing") or parts[0] in ("losses", "adapters", "quant", "errors"):
         return 0
     return {"config": 1, "data": 1, "models": 1, "training": 1, "rollout": 2, "eval": 2, "export": 2,
-            "recipes": 3, "cli": 4}.get(parts[0])
+            "recipes": 3, "board": 3, "cli": 4}.get(parts[0])
 
 
 def upward_imports(package: Path = PACKAGE) -> list[tuple[str, str]]:

@@ -169,7 +169,7 @@ def config_reference() -> None:
 
 # Task-specific commands live in their own modules; each has `register(app, console)`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "tunelab.cli.classify_cmds", "tunelab.cli.preference_cmds", "tunelab.cli.export_cmds",
+    "tunelab.cli.classify_cmds", "tunelab.cli.preference_cmds", "tunelab.cli.export_cmds", "tunelab.cli.board_cmd",
 )
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app, console)

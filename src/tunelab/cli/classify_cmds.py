@@ -104,7 +104,7 @@ def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", ba
 
     ``out`` may not exist unless ``overwrite``; it is written atomically (see :mod:`tunelab.training.outputs`).
     """
-    from tunelab.eval.classification import predict_logits, probabilities
+    from tunelab.eval.classification import prediction, predict_logits, probabilities
     from tunelab.training.precision import pick_device
 
     check_out_file(out, overwrite=overwrite, inputs=[run_dir, data])
@@ -114,18 +114,9 @@ def predict_run(run_dir: Path, data: str, out: Path, *, split: str = "train", ba
     threshold = config.classification.threshold
     with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record, row in zip(records, scores):
-            f.write(json.dumps({**record, **_prediction(labels.problem_type, labels.names, row, threshold)},
+            f.write(json.dumps({**record, **prediction(labels.problem_type, labels.names, row, threshold)},
                                ensure_ascii=False, default=str) + "\n")
     return len(scores)
-
-
-def _prediction(problem_type: str, names: list[str], row: list[float], threshold: float) -> dict[str, Any]:
-    if problem_type == "regression":
-        return {"prediction": row[0] if len(row) == 1 else row}
-    probs = {name: round(p, 6) for name, p in zip(names, row)}
-    if problem_type == "multi_label":
-        return {"prediction": [n for n, p in zip(names, row) if p >= threshold], "probabilities": probs}
-    return {"prediction": names[max(range(len(row)), key=row.__getitem__)], "probabilities": probs}
 
 
 def print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:

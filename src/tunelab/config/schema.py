@@ -241,6 +241,27 @@ class TrainConfig(StrictModel):
     early_stopping_min_delta: float = Field(
         0.0, ge=0.0, description="Smallest change of metric_for_best that counts as an improvement."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every metrics.jsonl record (numbers; the x axis is the step) and "
+        "the resolved config as hyperparameters, offline: tensorboard (output_dir/tensorboard/ event files), wandb "
+        "(output_dir/wandb/, offline mode unless WANDB_MODE is set), mlflow (output_dir/mlruns/ file store unless "
+        "MLFLOW_TRACKING_URI is set), trackio (its own local store, project tunelab: $TRACKIO_DIR, default ~/.cache/huggingface/trackio). "
+        "Each needs its extra, e.g. pip install "
+        "'tunelab[tensorboard]'; a missing one is a config error.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        from tunelab.errors import ConfigError
+        from tunelab.training.trackers import check_installed
+
+        try:
+            check_installed(value)
+        except ConfigError as err:
+            raise ValueError(str(err).removeprefix("train.report_to: ")) from None
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _best_can_be_saved(self) -> TrainConfig:

@@ -185,3 +185,17 @@ def load_classification_run(run_dir: str | Path) -> tuple[nn.Module, Any, Any, L
                                    problem_type=HF_PROBLEM_TYPES[labels.problem_type])
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, config, labels
+
+
+def prediction(problem_type: str, names: list[str], row: list[float], threshold: float) -> dict[str, Any]:
+    """One example's answer from its probabilities ``row`` (K labels; regression: the K predicted values).
+
+    Returns ``{"prediction": label, "probabilities": {label: p}}`` (single_label: the most probable label;
+    multi_label: the labels with ``p >= threshold``), or ``{"prediction": value}`` for regression.
+    """
+    if problem_type == "regression":
+        return {"prediction": row[0] if len(row) == 1 else row}
+    probs = {name: round(p, 6) for name, p in zip(names, row)}
+    if problem_type == "multi_label":
+        return {"prediction": [n for n, p in zip(names, row) if p >= threshold], "probabilities": probs}
+    return {"prediction": names[max(range(len(row)), key=row.__getitem__)], "probabilities": probs}

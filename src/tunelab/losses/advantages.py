@@ -21,6 +21,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "masked_whiten_with_metrics",
+    "masked_sums",
+    "whiten_with_sums",
+    "std_from_sums",
     "gae",
     "ppo_token_rewards",
     "grpo_advantages",
@@ -111,6 +114,10 @@ def masked_whiten_with_metrics(
     itself with ``shift_mean=False``), i.e. 0 for a single real entry; nothing raises.
     Padding never leaks into the statistics (even inf/NaN there) and is 0 in the result.
 
+    The statistics come from :func:`masked_sums` (count, sum, sum of squares in float64), so a
+    batch split over several processes whitens exactly like one: all-reduce the per-process
+    sums and call :func:`whiten_with_sums`, which is what this function does with local sums.
+
     Args:
         x: any shape, floating (e.g. ``(B, T)`` advantages or rewards, reward units).
         mask: bool, same shape; True = a real entry that counts.
@@ -126,21 +133,75 @@ def masked_whiten_with_metrics(
     Raises:
         TypeError / ValueError: ``mask`` not bool, or shapes differ.
     """
+    return whiten_with_sums(x, mask, masked_sums(x, mask), shift_mean, eps)
+
+
+def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sufficient statistics of the real entries of ``x``: ``(count, sum, sum of squares)``.
+
+    Args:
+        x: any shape, floating; entries where ``mask`` is False never count (even inf/NaN).
+        mask: bool, same shape; may be all False (then all three are 0).
+
+    Returns:
+        (3,) float64 on ``x``'s device, no grad. Sums of several shards add up to the sums of the
+        whole, so processes holding parts of a batch all-reduce (sum) these three numbers.
+    """
     _check_mask(mask, x)
-    n = int(mask.sum())
-    mean = masked_mean(x, mask)
+    values = torch.where(mask, x.detach().double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    return torch.stack([mask.sum().double(), values.sum(), (values * values).sum()])
+
+
+def _mean_var(sums: torch.Tensor) -> tuple[float, float | None]:
+    """Mean and unbiased variance from ``(count, sum, sum of squares)``; variance None below 2 entries."""
+    n, total, squares = (float(v) for v in sums)
+    mean = total / n if n > 0 else 0.0
+    if n < 2:
+        return mean, None
+    return mean, max(squares - n * mean * mean, 0.0) / (n - 1)
+
+
+def std_from_sums(sums: torch.Tensor) -> float:
+    """Unbiased standard deviation from :func:`masked_sums`-style ``(count, sum, sum of squares)``.
+
+    Raises:
+        ValueError: fewer than two entries (the std is undefined).
+    """
+    _, var = _mean_var(sums)
+    if var is None:
+        raise ValueError(f"a standard deviation needs >= 2 entries, got {int(float(sums[0]))}")
+    return math.sqrt(var)
+
+
+def whiten_with_sums(
+    x: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`masked_whiten_with_metrics` with the statistics given as ``sums`` = ``(count, sum, sum of
+    squares)`` of the whole batch (e.g. all-reduced over processes), not computed from ``x``.
+
+    ``x`` may hold no real entry at all (a process whose rows are all masked): it still whitens
+    consistently (its result is all zeros) and reports the global statistics.
+
+    Args:
+        x: any shape, floating; mask: bool, same shape; sums: (3,) as from :func:`masked_sums`.
+
+    Returns:
+        ``(whitened, metrics)`` as :func:`masked_whiten_with_metrics`.
+    """
+    _check_mask(mask, x)
+    n = int(round(float(sums[0])))
+    mean, var = _mean_var(sums)
     zeros = torch.zeros_like(x)
-    if n >= 2:
-        var = masked_var(x, mask, unbiased=True)
-        whitened = (torch.where(mask, x, zeros) - mean) * torch.rsqrt(var + eps)
-        std = var.detach().sqrt()
+    centered = torch.where(mask, x, zeros) - mean
+    if var is not None:
+        whitened = centered * (1.0 / math.sqrt(var + eps))
+        std = math.sqrt(var)
     else:
-        whitened = torch.where(mask, x, zeros) - mean
-        std = torch.zeros((), dtype=x.dtype, device=x.device)
+        whitened, std = centered, 0.0
     if not shift_mean:
         whitened = whitened + mean
-    metrics = {"whiten/num_valid": torch.tensor(float(n)), "whiten/applied": torch.tensor(float(n >= 2)),
-               "whiten/mean": mean.detach(), "whiten/std": std}
+    metrics = {"whiten/num_valid": torch.tensor(float(n)), "whiten/applied": torch.tensor(float(var is not None)),
+               "whiten/mean": torch.tensor(mean), "whiten/std": torch.tensor(std)}
     return torch.where(mask, whitened, zeros), metrics
 
 
@@ -270,6 +331,7 @@ def grpo_advantages(
     *,
     group_size: int | None = None,
     scale_by_std: bool | None = None,
+    batch_std: float | None = None,
 ) -> torch.Tensor:
     """Group-relative outcome advantages (Shao et al. 2024, arXiv:2402.03300, Sec. 4.1.2).
 
@@ -291,6 +353,10 @@ def grpo_advantages(
         eps: added to the std (not the variance).
         group_size, scale_by_std: the older spelling of an int ``group_ids`` and of
             ``scale_rewards`` = group (True) / none (False); used when given.
+        batch_std: with ``scale_rewards="batch"``, the std to divide by instead of the std of
+            ``rewards``: the unbiased std of the whole rollout when ``rewards`` is one process's share
+            of it (:func:`std_from_sums` of the all-reduced :func:`masked_sums`). Groups never span
+            processes, so ``group`` and ``none`` need nothing global.
 
     Returns:
         (B,) advantages in row order, float32 (float64 if ``rewards`` is), no grad.
@@ -320,7 +386,7 @@ def grpo_advantages(
         squares = torch.zeros_like(sums).index_add_(0, inverse, centered**2)
         centered = centered / ((squares / (counts - 1)).sqrt()[inverse] + eps)
     elif scale_rewards == "batch":
-        centered = centered / (r.std(correction=1) + eps)
+        centered = centered / ((r.std(correction=1) if batch_std is None else batch_std) + eps)
     return centered
 
 
@@ -360,11 +426,17 @@ class RunningMoments:
             ValueError: a score is not finite (its row is named).
         """
         x = scores.detach().double().flatten()
-        if x.numel() == 0:
-            return
         _check_finite(x, "scores")
-        n, mean = x.numel(), float(x.mean())
-        m2 = float(((x - mean) ** 2).sum())
+        self.update_sums(masked_sums(x, torch.ones_like(x, dtype=torch.bool)))
+
+    def update_sums(self, sums: torch.Tensor) -> None:
+        """Merge a batch given by its ``(count, sum, sum of squares)`` (:func:`masked_sums`; e.g. all-reduced
+        over the processes that each scored part of the batch, so every process keeps the same moments)."""
+        n = int(round(float(sums[0])))
+        if n == 0:
+            return
+        mean = float(sums[1]) / n
+        m2 = max(float(sums[2]) - n * mean * mean, 0.0)
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total

@@ -33,9 +33,12 @@ RUN_INFO = "tunelab.json"
 def save_run(
     output_dir: Path, model: nn.Module, tokenizer: Any, *, method: str, base_model: str, config_yaml: str,
     results: dict[str, Any], task_type: str = "CAUSAL_LM", modules_to_save: list[str] = (),
-    console: Any = None,
+    console: Any = None, state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write the final model and run files; each file is written aside and renamed into place.
+
+    ``state_dict``: the full weights to save for a non-LoRA ``method`` when ``model`` holds FSDP shards
+    (:func:`whole_state_dict`, gathered on every rank beforehand); None saves ``model.state_dict()``.
 
     A causal LM's stop ids (EOS + the template's end-of-turn tokens) go into ``generation_config.json``
     (and, for full weights, ``config.json``'s ``eos_token_id``); the line saying so is printed on
@@ -54,7 +57,7 @@ def save_run(
         else:
             if causal:
                 stop_ids = apply_stop_ids(model, tokenizer)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
         info = {"tunelab_version": __version__, "method": method, "base_model": base_model,
@@ -71,6 +74,26 @@ def save_run(
         shutil.rmtree(tmp, ignore_errors=True)
     if stop_ids:
         log_stop_ids(console, output_dir, tokenizer, stop_ids)
+
+
+def whole_state_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The whole ``state_dict`` of a model whose parameters may be FSDP2 ``DTensor`` shards.
+
+    Collective when sharded: every rank calls it (outside ``Runtime.full_weights``); rank 0 gets the
+    gathered tensors (on the CPU) without the aliases of tied weights, the other ranks an empty dict. A plain model (one process, DDP) gets
+    None: :func:`save_run` then saves ``model.state_dict()`` as usual.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # gathered copies no longer share storage, so drop the aliases of tied weights (e.g. lm_head.weight tied
+    # to the embeddings) as save_pretrained does for the model's own shared tensors
+    aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    return {k: v for k, v in whole.items() if k not in aliases}
 
 
 def log_stop_ids(console: Any, where: Path, tokenizer: Any, stop_ids: list[int]) -> None:

@@ -40,8 +40,11 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
 
     def save(self, directory: Path) -> None:
-        """Write ``value_head.safetensors`` into ``directory``."""
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / FILENAME))
+        """Write ``value_head.safetensors`` into ``directory``.
+
+        Reads the parameters themselves (not ``state_dict()``), so under FSDP inside
+        :meth:`~tunelab.training.distributed.Runtime.full_weights` the gathered whole tensors are saved."""
+        save_file({k: v.detach().contiguous() for k, v in self.named_parameters()}, str(directory / FILENAME))
 
     @classmethod
     def load(cls, directory: Path) -> ValueHead:

@@ -17,11 +17,16 @@ head (a fresh linear layer) can have its own learning rate (``rl.value_lr``).
 Deliberate simplifications: no pretraining-gradient mix (PPO-ptx); the value head shares the
 policy's trunk (no separate critic model); no score clipping. Checkpoints and ``--resume``:
 :mod:`tunelab.rollout.checkpoints`.
+
+Under torchrun (DDP or FSDP2; policy and value head wrapped together) each rank samples and scores its
+``train.batch_size`` prompts; the score normalization and the advantage whitening use statistics summed
+over all ranks, so N ranks train like one process with N × the batch (:mod:`tunelab.rollout.shards`).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +36,10 @@ from torch import nn
 
 from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
-from tunelab.losses.advantages import RunningMoments, gae, masked_mean, masked_whiten_with_metrics, ppo_token_rewards
+from tunelab.losses.advantages import RunningMoments, gae, masked_sums, ppo_token_rewards, whiten_with_sums
 from tunelab.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.models.value_head import ValueHead
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import start_rl_run
@@ -45,7 +50,10 @@ from tunelab.rollout.evaluate import (
 )
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
-from tunelab.rollout.session import RLSession, frozen_copy, mini_batches, num_rl_steps, prompts_for_step
+from tunelab.rollout.session import RLSession, frozen_copy, num_rl_steps
+from tunelab.rollout.shards import (
+    gather_rows, global_sums, mini_batch_shares, rank_row_seeds, step_prompts, with_whole_model,
+)
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.outputs import holds_run_lock
 
@@ -54,55 +62,63 @@ from tunelab.training.outputs import holds_run_lock
 def train(config: Config, *, resume: bool | str | None = None, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     """Run PPO as configured; returns the before/after held-out rewards also stored in ``tunelab.json``."""
-    console = console or Console()
-    session, before, started, resume_from = start_rl_run(config, resume=resume, overwrite=overwrite, console=console)
-    output_dir, tc, rl = Path(config.output_dir), config.train, config.rl
-    device = session.device
+    session, before, started, resume_from = start_rl_run(config, resume=resume, overwrite=overwrite,
+                                                         console=console or Console())
+    output_dir, tc, rl, runtime, console = Path(config.output_dir), config.train, config.rl, session.runtime, session.console
     model = session.model
 
     setup_trainable(model, config)
     reference = frozen_copy(model) if tc.method != "lora" else None
-    value_head = ValueHead(model.config.hidden_size).to(device)
+    value_head = ValueHead(model.config.hidden_size).to(session.device)
+    trainable_modules = nn.ModuleDict({"policy": model, "value_head": value_head})
+    runtime.wrap(trainable_modules)  # DDP / FSDP2 of policy + value head, before the optimizer
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path}: {trainable:,} trainable of {total:,} ({tc.method}) "
                   f"+ value head {sum(p.numel() for p in value_head.parameters()):,}")
-    steps = num_rl_steps(config, len(session.train.prompts))
+    steps = num_rl_steps(config, len(session.train.prompts), runtime.world_size)
     rows = tc.batch_size * rl.num_generations
     optimizer = build_optimizer(model, tc)
     optimizer.add_param_group(value_param_group(value_head, config))
     scheduler = build_scheduler(optimizer, tc, steps * rl.ppo_epochs * -(-rows // (rl.mini_batch_size or rows)))
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.adaptive_kl
               else FixedKLController(rl.kl_coef))
-    generator = torch.Generator().manual_seed(tc.seed)
+    generator = torch.Generator().manual_seed(tc.seed)  # mini-batch order: the same on every rank
     moments = RunningMoments() if rl.normalize_scores else None
-    checkpoints = RLCheckpoints(output_dir, nn.ModuleDict({"policy": model, "value_head": value_head}), optimizer,
-                                scheduler, tc, dump_config(config), lambda: _loop_state(generator, kl_ctl, moments),
-                                lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments))
+    checkpoints = RLCheckpoints(output_dir, trainable_modules, optimizer, scheduler, tc, dump_config(config),
+                                lambda: _loop_state(generator, kl_ctl, moments),
+                                lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments), runtime=runtime)
     first, log = checkpoints.start(resume_from, steps)
-    with checkpoints.stop:  # SIGTERM/SIGINT: finish the step, checkpoint it, stop
+    with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop (all ranks
+        # after the same step); trackers finish
         for step in range(first, steps):
             t0 = time.perf_counter()
-            prompts = prompts_for_step(session.train.prompts, step, tc.batch_size, tc.seed, config.data.shuffle)
+            prompts = step_prompts(session, step, tc.batch_size, tc.seed, config.data.shuffle)
             step_lr = optimizer.param_groups[0]["lr"]  # the rate of this step's first update (logged)
             record, samples = ppo_step(session, value_head, prompts, config, optimizer, scheduler, reference, kl_ctl,
-                                       generator, moments)
+                                       generator, moments, step=step)
             record.update(step=step + 1, lr=step_lr, step_s=round(time.perf_counter() - t0, 2))
             if (step + 1) % tc.log_every == 0 or step + 1 == steps:
                 log.write(record)
-            if (step + 1) % rl.log_samples_every == 0 or step == 0:
+            if runtime.is_main and ((step + 1) % rl.log_samples_every == 0 or step == 0):
                 log_samples(output_dir / "samples.jsonl", step + 1, samples)
             console.print(f"step {step + 1}/{steps}  score {record['reward/mean']:+.3f}  kl {record['kl']:.3f}  "
                           f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
             checkpoints.after_step(step + 1, steps)
         checkpoints.finish(steps)
-    after = held_out_rewards(session, config) if session.held_out else None
-    results = {**rl_results(session, before, after, steps, started), "kl_estimator": rl.resolved_kl_estimator("ppo")}
-    value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
-    save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-             config_yaml=dump_config(config), results=results)
-    plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
-                      (before["reward"], after["reward"]) if before and after else None, steps)
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
+    with runtime.full_weights():  # FSDP: the whole policy and value head on every rank to generate and save
+        after = held_out_rewards(session, config) if session.held_out else None
+        results = {**rl_results(session, before, after, steps, started),
+                   "kl_estimator": rl.resolved_kl_estimator("ppo"), "world_size": runtime.world_size}
+        if runtime.is_main:
+            value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
+            save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
+                     config_yaml=dump_config(config), results=results, state_dict=weights)
+    if runtime.is_main:
+        plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
+                          (before["reward"], after["reward"]) if before and after else None, steps)
     report_rl(console, results, output_dir)
+    runtime.close()
     return results
 
 
@@ -133,7 +149,8 @@ def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBat
     """Whitening metrics, and old log-probs/values, per-token KL, KL-shaped rewards, GAE advantages (whitened
     over real tokens) and returns, all (B, C). The ``kl`` returned (masked) is exactly the estimator
     (``rl.kl_estimator``) whose ``kl_coef`` multiple was subtracted from the rewards, so what is logged is what
-    shaped the reward."""
+    shaped the reward. Under torchrun the whitening statistics are those of every rank's real tokens
+    (all-reduced count, sum, sum of squares; a rank with none still joins), so they equal one process's."""
     rl, mask = config.rl, batch.loss_mask
     args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     old = score_completions(session.model, *args, temperature=rl.temperature, value_head=value_head)
@@ -143,7 +160,8 @@ def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBat
     advantages, returns = gae(rewards, old.values, mask, rl.gamma, rl.lam)
     whiten_metrics: dict[str, torch.Tensor] = {}
     if rl.whiten_advantages:  # fewer than two real tokens: left unscaled, and whiten/applied says so
-        advantages, whiten_metrics = masked_whiten_with_metrics(advantages, mask)
+        sums = global_sums(session.runtime, masked_sums(advantages, mask))
+        advantages, whiten_metrics = whiten_with_sums(advantages, mask, sums)
     return whiten_metrics, {
         "old_logps": old.logps, "old_values": old.values, "advantages": advantages, "returns": returns,
         "kl": torch.where(mask, kl, torch.zeros_like(kl)), "entropy": old.entropy}
@@ -151,24 +169,31 @@ def make_advantages(session: RLSession, value_head: ValueHead, batch: RolloutBat
 
 def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: Config, optimizer, scheduler,
              reference: nn.Module | None, kl_ctl, generator: torch.Generator,
-             moments: RunningMoments | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """One rollout → reward → GAE → PPO-update cycle; returns the metrics record and sample completions.
+             moments: RunningMoments | None = None, *, step: int = 0) -> tuple[dict[str, Any], list[dict]]:
+    """One rollout → reward → GAE → PPO-update cycle of this rank's ``prompts`` (RL step ``step``, 0-based,
+    seeds the sampling); returns the metrics record (of the whole step, the same on every rank) and this
+    rank's sample completions.
 
-    ``moments`` (updated in place with this batch's scores first) normalizes the scores the
+    ``moments`` (updated in place with this step's scores of every rank first) normalizes the scores the
     advantages are built from; the record keeps the raw scores (``reward/mean``) and adds the
     normalized mean (``reward/normalized_mean``)."""
-    rl, model = config.rl, session.model
-    batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
-                            stop_ids=session.stop_ids, device=session.device)
-    scores, per_term = compute_rewards(session.terms, inputs)
+    rl, model, runtime = config.rl, session.model, session.runtime
+    seeds = rank_row_seeds(runtime, config.train.seed, step, len(prompts) * rl.num_generations)
     kl_coef = kl_ctl.value
-    normalized = scores
-    if moments is not None:
-        moments.update(scores)
-        normalized = moments.normalize(scores)
-    whiten_metrics, extra = make_advantages(session, value_head, batch, normalized, config, reference, kl_coef)
-    batch.extra.update(extra)
-    seq_kl = batch.extra["kl"].sum(dim=1)
+
+    def collect():
+        batch, inputs = rollout(model, session.tokenizer, prompts, rl, num_generations=rl.num_generations,
+                                stop_ids=session.stop_ids, device=session.device, row_seeds=seeds)
+        scores, per_term = compute_rewards(session.terms, inputs)
+        normalized = scores
+        if moments is not None:
+            moments.update_sums(global_sums(runtime, masked_sums(scores, torch.ones_like(scores, dtype=torch.bool))))
+            normalized = moments.normalize(scores)
+        whiten_metrics, extra = make_advantages(session, value_head, batch, normalized, config, reference, kl_coef)
+        batch.extra.update(extra)
+        return batch, inputs, scores, per_term, normalized, whiten_metrics
+
+    batch, inputs, scores, per_term, normalized, whiten_metrics = with_whole_model(runtime, collect)
 
     def loss_fn(micro: RolloutBatch):
         scored = score_completions(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
@@ -181,20 +206,37 @@ def ppo_step(session: RLSession, value_head: ValueHead, prompts: list, config: C
         return policy_loss + rl.vf_coef * value_loss, metrics
 
     sums, grad_norms = {}, []
+    filler = batch.select(torch.zeros(1, dtype=torch.long, device=session.device))
     for _ in range(rl.ppo_epochs):
-        for rows in mini_batches(len(batch), rl.mini_batch_size, generator):
-            metrics = accumulate(batch.select(rows.to(session.device)), rl.micro_batch_size, "token", loss_fn)
+        for share in mini_batch_shares(len(batch), rl.mini_batch_size, rl.micro_batch_size, generator,
+                                       runtime.rank, runtime.world_size):
+            metrics = accumulate(batch.select(share.rows.to(session.device)), rl.micro_batch_size, "token", loss_fn,
+                                 runtime=runtime, num_micro_batches=share.num_micro_batches, filler=filler)
             grad_norms.append(optimizer_step(optimizer, scheduler, config.train.max_grad_norm))
             for key, value in metrics.items():
                 sums.setdefault(key, []).append(value)
-    kl_ctl.update(float(seq_kl.mean()), n_steps=len(batch))
-    record = {"reward/mean": round(float(scores.mean()), 4), "reward/std": round(float(scores.std()), 4),
-              **{f"reward/{k}": round(float(v.mean()), 4) for k, v in per_term.items()},
-              "reward/normalized_mean": round(float(normalized.mean()), 4),
-              "kl": round(float(seq_kl.mean()), 4), "kl_coef": round(kl_coef, 5),
+    seq_kl = gather_rows(runtime, batch.extra["kl"].sum(dim=1))
+    kl_ctl.update(float(seq_kl.mean()), n_steps=len(seq_kl))
+    record = {**_score_record(runtime, scores, per_term, normalized), "kl": round(float(seq_kl.mean()), 4),
+              "kl_coef": round(kl_coef, 5),
               **{f"advantages/{k.removeprefix('whiten/')}": round(float(v), 6) for k, v in whiten_metrics.items()},
-              "entropy": round(float(masked_mean(batch.extra["entropy"], batch.loss_mask)), 4),
-              "length/mean": round(sum(inputs.num_tokens) / len(inputs.num_tokens), 2),
-              "truncated": round(float(batch.truncated.float().mean()), 4), "grad_norm": round(max(grad_norms), 4),
+              **_rollout_shape(runtime, batch, inputs.num_tokens), "grad_norm": round(max(grad_norms), 4),
               **{k: round(sum(v) / len(v), 6) for k, v in sums.items()}}
     return record, sample_records(inputs, scores, per_term, limit=rl.num_logged_samples)
+
+
+def _score_record(runtime, scores, per_term, normalized) -> dict[str, float]:
+    """Raw and normalized score statistics over every rank's rows."""
+    scores, normalized = gather_rows(runtime, scores), gather_rows(runtime, normalized)
+    return {"reward/mean": round(float(scores.mean()), 4), "reward/std": round(float(scores.std()), 4),
+            **{f"reward/{k}": round(float(gather_rows(runtime, v).mean()), 4) for k, v in per_term.items()},
+            "reward/normalized_mean": round(float(normalized.mean()), 4)}
+
+
+def _rollout_shape(runtime, batch: RolloutBatch, num_tokens: list[int]) -> dict[str, float]:
+    """Entropy (mean over every rank's real tokens), mean length and truncated fraction of the step."""
+    entropy = global_sums(runtime, masked_sums(batch.extra["entropy"], batch.loss_mask))
+    lengths = gather_rows(runtime, torch.tensor(num_tokens, dtype=torch.float64))
+    return {"entropy": round(float(entropy[1] / max(float(entropy[0]), 1.0)), 4),
+            "length/mean": round(float(lengths.mean()), 2),
+            "truncated": round(float(gather_rows(runtime, batch.truncated.double()).mean()), 4)}

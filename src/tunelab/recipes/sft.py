@@ -27,7 +27,7 @@ from tunelab.models.attention import VARLEN_ATTENTION
 from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
 from tunelab.models.loading import load_model, load_tokenizer
-from tunelab.models.run import save_run
+from tunelab.models.run import save_run, whole_state_dict
 from tunelab.models.vocab import add_special_tokens, resize_for_tokenizer
 from tunelab.recipes.prepare import (
     before_training, quantize_base, check_output_dir, configure_attention_backends, count_parameters,
@@ -127,11 +127,12 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                "samples": [{"prompt": p[-1]["content"], "before": b, "after": a}
                            for p, b, a in zip(prompts, answers_before or [None] * len(prompts), answers_after)]}
     model.train(False)
+    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full fine-tune: gathered (collective)
     with runtime.full_weights():
         if runtime.is_main:
             save_run(output_dir, model, tokenizer, method=tc.method, base_model=config.model.name_or_path,
                      config_yaml=config_yaml, results=results,
-                     modules_to_save=vocab_modules if tc.method == "lora" else [])
+                     modules_to_save=vocab_modules if tc.method == "lora" else [], state_dict=weights)
     if runtime.is_main:
         plot_loss_curve(result.history, output_dir / "loss_curve.png", title=f"SFT {config.model.name_or_path}")
     _report(console, results, output_dir)

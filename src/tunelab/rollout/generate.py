@@ -51,8 +51,9 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax, or a sample from the top-p nucleus at ``temperature``."""
+          generator: torch.Generator | None, row_generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax, or a sample from the top-p nucleus at ``temperature``
+    (from ``row_generators``, one per row, when given: see :func:`sample_completions`)."""
     if greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -61,14 +62,25 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before this token already > p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if row_generators is not None:
+        return _inverse_cdf(probs, row_generators)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, row_generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of (B, V) unnormalized ``probs``: row b draws one uniform from its own CPU
+    generator and takes the first token whose cumulative mass exceeds it (zero-mass tokens never win)."""
+    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in row_generators])
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniforms.to(probs.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
 def sample_completions(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
     stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
 ) -> Completions:
     """Sample (or greedily decode) up to ``max_new_tokens`` tokens for each left-padded prompt.
 
@@ -80,13 +92,20 @@ def sample_completions(
         pad_id: id written after a row has stopped.
         greedy: argmax decoding (then ``temperature``/``top_p`` are ignored).
         generator: torch RNG for sampling (default: the global one).
+        row_seeds: one seed per row (B ints): row b then samples from its own CPU generator, one uniform
+            per token, so its completion depends on its seed and logits only, never on the other rows of
+            the batch (the RL recipes seed each row by step and global row number, which makes a run on
+            N processes sample what one process would, and a resumed run what the uninterrupted one did).
 
     Returns:
         :class:`Completions` with C <= ``max_new_tokens`` columns (stops early when every row is done).
 
     Raises:
-        ValueError: a prompt row does not end at the last column (not left-padded).
+        ValueError: a prompt row does not end at the last column (not left-padded), or ``row_seeds``
+            does not have one seed per row.
     """
+    if row_seeds is not None and len(row_seeds) != prompt_ids.shape[0]:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {prompt_ids.shape[0]} rows")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: every row's last column must be a real token")
     was_training = model.training
@@ -99,8 +118,9 @@ def sample_completions(
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     stop = torch.tensor(stop_ids, device=prompt_ids.device)
     tokens = []
+    row_generators = None if row_seeds is None else [torch.Generator().manual_seed(s) for s in row_seeds]
     for _ in range(max_new_tokens):
-        token = _pick(out.logits[:, -1], temperature, top_p, greedy, generator)
+        token = _pick(out.logits[:, -1], temperature, top_p, greedy, generator, row_generators)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         done = done | torch.isin(token, stop)

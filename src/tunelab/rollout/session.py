@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,11 +18,13 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.models.loading import load_model, load_tokenizer
 from tunelab.rollout.prompts import Prompt, PromptSet, load_prompts
 from tunelab.rollout.rewards import RewardTerm, build_reward_terms
+from tunelab.training.distributed import Runtime, single_process
 
 
 @dataclass
 class RLSession:
-    """Everything an RL loop reads: model, tokenizer, train/held-out prompts, rewards, stop tokens."""
+    """Everything an RL loop reads: model, tokenizer, train/held-out prompts, rewards, stop tokens, and which
+    rank of the run this process is (``runtime``; one plain process by default) with its ``console``."""
 
     model: nn.Module
     tokenizer: Any
@@ -33,6 +35,8 @@ class RLSession:
     terms: list[RewardTerm]
     stop_ids: list[int]
     device: torch.device
+    runtime: Runtime = field(default_factory=single_process)
+    console: Console = field(default_factory=lambda: Console(quiet=True))
 
 
 def open_session(config: Config, device: torch.device, console: Console) -> RLSession:
@@ -72,11 +76,12 @@ def open_session(config: Config, device: torch.device, console: Console) -> RLSe
                      stop_token_ids(tokenizer), device)
 
 
-def num_rl_steps(config: Config, num_prompts: int) -> int:
-    """RL steps: ``train.max_steps``, else ``train.epochs`` passes over the prompts in batches of ``batch_size``."""
+def num_rl_steps(config: Config, num_prompts: int, world_size: int = 1) -> int:
+    """RL steps: ``train.max_steps``, else ``train.epochs`` passes over the prompts in steps of
+    ``batch_size × world_size`` prompts (each rank takes ``batch_size``)."""
     if config.train.max_steps is not None:
         return config.train.max_steps
-    return max(1, math.ceil(config.train.epochs * num_prompts / config.train.batch_size))
+    return max(1, math.ceil(config.train.epochs * num_prompts / (config.train.batch_size * world_size)))
 
 
 def prompts_for_step(prompts: list[Prompt], step: int, batch_size: int, seed: int, shuffle: bool) -> list[Prompt]:
@@ -96,10 +101,3 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
     return reference.eval()
-
-
-def mini_batches(num_rows: int, mini_batch_size: int | None, generator: torch.Generator) -> list[torch.Tensor]:
-    """Row indices of each mini-batch of one PPO epoch (a fresh seeded permutation per epoch)."""
-    order = torch.randperm(num_rows, generator=generator)
-    size = mini_batch_size or num_rows
-    return [order[i:i + size] for i in range(0, num_rows, size)]

@@ -74,15 +74,16 @@ def save_checkpoint(
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep_last``
     (and the best, ``state.best_step``, which is never deleted).
 
-    ``extra`` (one process only): more loop state to keep (the RL loops' sampling generator, KL
-    controller, score statistics), saved as ``extra.pt`` and read back by :func:`load_extra`.
+    ``extra``: more loop state to keep (the RL loops' mini-batch generator, KL controller, score
+    statistics), saved as ``extra.pt`` and read back by :func:`load_extra`; under a distributed
+    ``runtime`` it must be the same on every rank (rank 0's is written).
 
     With a distributed ``runtime`` this is collective (every rank calls it) and writes the DCP
     layout; ``model`` is the unwrapped model (its parameters may be FSDP ``DTensor`` shards).
     """
     target = checkpoint_dir(output_dir, state.step)
     if runtime is not None and runtime.is_distributed:
-        _save_sharded(target, model, optimizer, scheduler, state, config_yaml, runtime)
+        _save_sharded(target, model, optimizer, scheduler, state, config_yaml, runtime, extra)
         if runtime.is_main:
             _prune(output_dir, keep_last, state.best_step)
         runtime.barrier()
@@ -106,7 +107,7 @@ def save_checkpoint(
 
 
 def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str,
-                  runtime: Runtime) -> None:
+                  runtime: Runtime, extra: dict | None = None) -> None:
     import torch.distributed.checkpoint as dcp
 
     tmp = Path(runtime.broadcast(str(atomic_dir(target)) if runtime.is_main else None))
@@ -117,6 +118,8 @@ def _save_sharded(target: Path, model, optimizer, scheduler, state: TrainState, 
         runtime.barrier()
         if runtime.is_main:
             _write_run_files(tmp, scheduler, state, config_yaml, world_size=runtime.world_size)
+            if extra is not None:
+                torch.save(extra, tmp / "extra.pt")
             write_manifest(tmp)  # after the barrier: every rank's shards are in tmp
             commit_dir(tmp, target)
     finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import closing, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,8 @@ def fit(
             clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
         if runtime.world_size > 1:
             torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
-        if runtime.is_main else None
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None,
+                     report_to=cfg.report_to, config_yaml=config_yaml) if runtime.is_main else None
     batches = _BatchStream(plan)
 
     model.train()
@@ -155,7 +156,8 @@ def fit(
                                    runtime=runtime)
 
     stop = StopSignals()
-    with stop, compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress:
+    with stop, compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress, \
+            closing(log) if log else nullcontext():  # trackers (train.report_to) finish, also on a stop
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
         saved = None
         while not finishing and state.step < num_steps:
@@ -239,10 +241,6 @@ def _refuse_finished(path: Path, state: TrainState, num_steps: int, output_dir: 
             "the run is finished and nothing was changed; raise train.max_steps or train.epochs to train "
             "further, or use --overwrite to start again"
         )
-
-
-def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: Runtime) -> TrainState:
-    """Load a checkpoint; its data position is in micro-batches, so their size must not change."""
 
 
 def _has_eval(log: MetricsLog | None, runtime: Runtime, step: int) -> bool:

@@ -28,7 +28,7 @@ from tunelab.training.manifest import manifest_problems
 MAY_CHANGE: tuple[str, ...] = (
     "output_dir", "train.lr", "train.max_steps", "train.epochs", "train.schedule", "train.warmup_ratio",
     "train.warmup_steps", "train.max_grad_norm", "train.precision", "train.grad_accum",
-    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.threads",
+    "train.log_every", "train.report_to", "train.eval_every", "train.save_every", "train.keep_last", "train.threads",
     "train.compile", "train.cudnn_sdpa", "train.gradient_checkpointing", "train.chunked_ce", "train.ce_chunk_size",
     "model.attn_implementation", "eval.", "distributed.",
     "classification.threshold", "classification.metric_for_best", "classification.early_stopping_patience",

@@ -28,7 +28,7 @@ from tunelab.training.outputs.checks import (
     BEFORE_TRAINING, MODEL_KINDS, RUN_MARKERS, check_out_dir, check_out_file, check_output_dir, check_writable,
     claim_output_dir, holds_run_lock, refuse_foreign_dir, resume_target,
 )
-from tunelab.training.outputs.lock import refuse_if_locked, run_lock
+from tunelab.training.outputs.lock import lock_holder, refuse_if_locked, run_lock
 from tunelab.training.outputs.writes import (
     BOOKKEEPING, ENVIRONMENT_ERRNOS, LOCK, LOCK_INFO, MARKER, atomic_dir, atomic_file, atomic_output_dir, commit_dir,
     environment_error_message, read_marker, write_marker, writing, writing_checkpoint,
@@ -37,7 +37,7 @@ from tunelab.training.outputs.writes import (
 __all__ = [
     "BEFORE_TRAINING", "BOOKKEEPING", "ENVIRONMENT_ERRNOS", "LOCK", "LOCK_INFO", "MARKER", "MODEL_KINDS", "RUN_MARKERS",
     "atomic_dir", "atomic_file", "atomic_output_dir", "check_out_dir", "check_out_file", "check_output_dir",
-    "check_writable", "claim_output_dir", "commit_dir", "environment_error_message", "holds_run_lock", "read_marker",
+    "check_writable", "claim_output_dir", "commit_dir", "environment_error_message", "holds_run_lock", "lock_holder", "read_marker",
     "refuse_foreign_dir", "refuse_if_locked", "resume_target", "run_lock", "write_marker", "writing",
     "writing_checkpoint",
 ]

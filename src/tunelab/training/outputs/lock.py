@@ -73,6 +73,34 @@ def refuse_if_locked(path: Path, action: str) -> None:
         lock.release()
 
 
+def lock_holder(directory: Path) -> dict | None:
+    """Who holds ``directory``'s run lock, read without touching the lock (for watchers such as
+    ``tunelab board``: probing the ``flock`` would take it for an instant and could refuse a ``train``
+    starting at that moment).
+
+    Returns:
+        The holder's ``.tunelab.lock.json`` (pid, host, started, command) when that process is alive
+        (same host, a process with that pid that started no later than the lock), else None. A holder
+        on another host cannot be checked and counts as alive.
+    """
+    import psutil
+
+    try:
+        info = json.loads((directory / LOCK_INFO).read_text())
+        pid, started = int(info["pid"]), float(info["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.get("host") not in (None, socket.gethostname()):
+        return info
+    try:
+        process = psutil.Process(pid)
+        # not a later process reusing the pid, nor one that ended and awaits its parent (its lock is gone)
+        alive = process.create_time() <= started + 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return info if alive else None
+
+
 def _holder_message(directory: Path) -> str:
     try:
         info = json.loads((directory / LOCK_INFO).read_text())

@@ -70,3 +70,16 @@ def test_render_supervision_keeps_wordpiece_spacing():
 
     text = render_supervision(WordPiece(), TokenizedExample([0, 1, 2, 3, 4], [-100, -100, 2, 3, 4]))
     assert text.plain == "[CLS] the drug helped"
+
+
+def test_text_file_sources_show_file_names_per_split(tmp_path):
+    """Issue 18 item 1: `data inspect` names the file of each example and lists each split's files
+    (fails on the old code: a glob was read as a hub dataset id)."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(4):
+        (corpus / "sub" / f"mod{i}.py").write_text(f"def f{i}():\n    return {i}\n" * (i + 1))
+    out = run_inspect(tmp_path, f"data: {{train: {{path: '{corpus}/**/*.py'}}, val_fraction: 0.25, max_seq_len: 32}}\n")
+    assert f"train example 0 from {corpus}/sub/mod" in out
+    assert "train files: 3" in out and "held-out files: 1" in out
+    assert sum(f"{corpus}/sub/mod{i}.py" in out for i in range(4)) == 4

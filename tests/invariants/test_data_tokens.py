@@ -245,12 +245,12 @@ def test_a_file_whose_every_reply_is_empty_is_an_error_naming_it(tmp_path):
         prepare_pairs(DataConfig(train=DataSource(path=str(pairs))), byte_bpe_tokenizer(), 0)
 
 
-def test_directories_are_refused_and_a_utf8_bom_is_accepted(tmp_path):
+def test_empty_directories_are_refused_and_a_utf8_bom_is_accepted(tmp_path):
     from tunelab.data.sources import load_records
     from tunelab.errors import DataError
 
-    (tmp_path / "data.jsonl").mkdir()
-    with pytest.raises(DataError, match="is a directory"):
+    (tmp_path / "data.jsonl").mkdir()  # a directory is a folder of text files (data/text_files.py): here, none
+    with pytest.raises(DataError, match="matched no files"):
         load_records(DataSource(path=str(tmp_path / "data.jsonl")))
     record = {"prompt": "Hi", "completion": "Hello"}
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")

@@ -39,9 +39,27 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
                   f"[bold]supervise[/] {config.data.supervise}   legend: [black on green]supervised[/] / plain = context")
     console.print(f"[bold]rendering[/] {rendering_note(config.data.supervise, data.train_stats)}")
     for i, example in enumerate(data.train[:num_examples]):
-        console.rule(f"train example {i}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
+        source = f" from {example.source}" if example.source else ""
+        console.rule(f"train example {i}{source}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
         console.print(render_supervision(tokenizer, example))
     _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)))
+    for name, stats in (("train", data.train_stats), ("held-out", data.validation_stats)):
+        if stats.sources:
+            console.print(files_table(f"{name} files", stats.sources))
+
+
+def files_table(title: str, chunks_per_file, limit: int = 50) -> Table:
+    """The files of one split (text-file sources) with their chunk counts after deduplication; the
+    first ``limit`` by name, then how many more."""
+    table = Table(title=f"{title}: {len(chunks_per_file)}")
+    table.add_column("file")
+    table.add_column("chunks")
+    names = sorted(chunks_per_file)
+    for name in names[:limit]:
+        table.add_row(name, str(chunks_per_file[name]))
+    if len(names) > limit:
+        table.add_row(f"... and {len(names) - limit} more", "")
+    return table
 
 
 def rendering_note(supervise: str, stats) -> str:

@@ -66,7 +66,9 @@ class DataSource(StrictModel):
     """One dataset: a local file, a built-in packaged dataset, or a hub dataset."""
 
     path: str = Field(
-        description="Local .json/.jsonl/.csv/.parquet file, 'builtin:NAME' (see README), or a hub dataset id."
+        description="Local .json/.jsonl/.csv/.parquet file; a folder, a glob ('corpus/**/*.py') or 'package:NAME/GLOB' "
+        "(an installed Python package's source tree, e.g. 'package:click/**/*.py') of text files, one plain-text "
+        "document per file, held out by file; 'builtin:NAME' (see README); or a hub dataset id."
     )
     name: str | None = Field(None, description="Hub dataset config name, or the built-in dataset's subset.")
     split: str = Field("train", description="Split to read (hub and built-in datasets).")
@@ -101,7 +103,14 @@ class DataConfig(StrictModel):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
         description="Examples longer than max_seq_len: 'truncate' keeps the first max_seq_len tokens, "
-        "'drop' removes the example. Raw text is split into max_seq_len blocks instead.",
+        "'drop' removes the example. Raw text is cut into chunks instead (see chunk_stride).",
+    )
+    chunk_stride: int | None = Field(
+        None, ge=1,
+        description="Raw text (format text, folders/globs of text files): tokens between the starts of consecutive "
+        "max_seq_len-token chunks of one document; tokens a chunk shares with the previous one are context only, so "
+        "every token is learned once. null = max_seq_len - 1 (chunks share one token). Chunks never cross "
+        "documents; chunks with identical token ids are removed and counted.",
     )
     supervise: Literal["assistant", "last_turn", "all"] = Field(
         "assistant",
@@ -127,6 +136,9 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _held_out_is_not_train(self) -> DataConfig:
+        if self.chunk_stride is not None and self.chunk_stride > self.max_seq_len - 1:
+            raise ValueError(f"data.chunk_stride={self.chunk_stride} must be at most data.max_seq_len - 1 = "
+                             f"{self.max_seq_len - 1} (a larger stride would skip tokens between chunks)")
         v, t = self.validation, self.train
         if v is not None and (v.path, v.name, v.split) == (t.path, t.name, t.split):
             raise ValueError(
@@ -274,7 +286,15 @@ class EvalConfig(StrictModel):
     sample_questions: int = Field(
         3, ge=0, description="Held-out prompts answered by the starting and fine-tuned model, side by side."
     )
-    max_new_tokens: int = Field(64, ge=1, description="Generation budget for the side-by-side answers (tokens).")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Generation budget for the side-by-side answers and the next-line eval (tokens)."
+    )
+    next_line_samples: int = Field(
+        0, ge=0,
+        description="task=sft on raw text: held-out Python lines scored by next-line exact match before and after "
+        "training (given a held-out function's source up to a line, the greedy next line must equal the real one "
+        "after stripping whitespace; a fixed sample by hash of file and line). 0 = off.",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
 
 

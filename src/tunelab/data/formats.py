@@ -105,8 +105,9 @@ def to_example(record: dict[str, Any], fmt: str, columns: dict[str, str], where:
         return {"messages": ([{"role": "system", "content": system}] if system else []) + messages}
     if fmt == "prompt_completion":
         return {"prompt": _text(field("prompt"), where), "completion": _text(field("completion"), where)}
-    if fmt == "text":
-        return {"text": _text(field("text"), where)}
+    if fmt == "text":  # a string ``source`` (a text-file source's file name) names the document in data inspect
+        source = record.get("source")
+        return {"text": _text(field("text"), where), **({"source": source} if isinstance(source, str) else {})}
     raise DataError(f"unknown data format '{fmt}'")
 
 

@@ -1,4 +1,4 @@
-"""Read raw records from local files, built-in packaged datasets or the hub.
+"""Read raw records from local files, folders and globs of text files, built-in packaged datasets or the hub.
 
 JSON and JSON-lines files are parsed here with :mod:`json`, so every record keeps exactly the
 fields it has in the file (``datasets`` would merge all records' keys into one schema and fill the
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import DataSource
+from tunelab.data.text_files import is_text_files, load_text_files
 from tunelab.errors import DataError
 
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
@@ -30,10 +31,15 @@ def load_records(source: DataSource) -> list[dict[str, Any]]:
 
     A UTF-8 byte-order mark at the start of a JSON, JSON-lines or CSV file is accepted.
 
+    A directory, a glob or ``package:NAME[/GLOB]`` is a folder of text files, one record
+    ``{"text", "source"}`` per file (see :mod:`tunelab.data.text_files`).
+
     Raises:
-        DataError: missing file, a directory, unsupported extension, an empty file, malformed JSON or CSV
+        DataError: missing file, unsupported extension, an empty file, malformed JSON or CSV
             (naming the file and line number), or a hub dataset that cannot be loaded.
     """
+    if is_text_files(source.path):
+        return load_text_files(source.path)
     if source.path.startswith("builtin:"):
         from tunelab.data.builtin import load_builtin
 

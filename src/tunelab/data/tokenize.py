@@ -8,6 +8,12 @@ Supervision comes from character offsets: a token counts when its characters ove
 span. With byte-level BPE a prompt that ends in a space merges that space into the reply's first
 token (``"A: "`` + ``"Paris"`` → ``"A", ":", " Paris"``); that token overlaps the reply, so it is
 learned (it is never left untrained because it starts one character early).
+
+Raw text (format ``text``, folders of text files) is one document per record: the tokenizer's own
+BOS in front (the plain-text policy of :mod:`tunelab.data.encoding`) and EOS at the end, both once
+per document, never per chunk. A document longer than ``max_seq_len`` is cut by
+:func:`chunk_document` into chunks that never cross documents, with every token after the first
+a target exactly once (see there for the stride policy).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TokenizedExample:
-    """One training example: ``input_ids`` and ``labels`` (same length, tokens)."""
+    """One training example: ``input_ids`` and ``labels`` (same length, tokens); ``source`` names the
+    document it comes from (a file of a text-file source), or is None."""
 
     input_ids: list[int]
     labels: list[int]
+    source: str | None = None
 
     @property
     def num_supervised(self) -> int:
@@ -56,6 +64,8 @@ class DataStats:
     num_replies: int = 0
     num_ending_with_end_of_turn: int = 0
     num_split: int = 0
+    num_duplicates: int = 0
+    sources: Counter = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
         """Plain-dict view for logs and ``data inspect``."""
@@ -70,6 +80,8 @@ class DataStats:
             "replies": self.num_replies,
             "replies_ending_with_end_of_turn": self.num_ending_with_end_of_turn,
             "conversations_split_per_reply": self.num_split,
+            **({"duplicate_chunks_removed": self.num_duplicates} if self.num_duplicates else {}),
+            **({"files": sum(n > 0 for n in self.sources.values())} if self.sources else {}),
         }
 
 
@@ -80,12 +92,15 @@ class Tokenizer:
         tokenizer: a fast transformers tokenizer (offset mapping is needed).
         max_seq_len: longest example kept, in tokens.
         overlong: ``truncate`` (keep the first ``max_seq_len`` tokens) or ``drop``; raw text is
-            split into ``max_seq_len`` blocks instead.
+            chunked instead (:func:`chunk_document`).
         supervise: see :func:`tunelab.data.templates.render`.
+        stride: raw text: tokens between the starts of consecutive chunks of a document
+            (``None`` = ``max_seq_len - 1``); see :func:`chunk_document`.
     """
 
-    def __init__(self, tokenizer: Any, max_seq_len: int, overlong: str, supervise: str):
+    def __init__(self, tokenizer: Any, max_seq_len: int, overlong: str, supervise: str, stride: int | None = None):
         self.tokenizer, self.max_seq_len, self.overlong, self.supervise = tokenizer, max_seq_len, overlong, supervise
+        self.stride = stride
         self.stop_ids = set(stop_token_ids(tokenizer))
 
     def __call__(self, example: dict[str, Any], stats: DataStats) -> list[TokenizedExample]:
@@ -103,13 +118,17 @@ class Tokenizer:
         out = []
         for rendered in rendering.examples:
             out.extend(self._tokenize(rendered, "text" in example, stats))
+        source = example.get("source") if "text" in example else None
+        if source is not None:
+            for tokenized in out:
+                tokenized.source = source
+            stats.sources[source] += len(out)
         return out
 
     def _tokenize(self, rendered: Rendered, raw_text: bool, stats: DataStats) -> list[TokenizedExample]:
         input_ids, labels, reply_ends = self.encode(rendered)
         if raw_text:
-            pieces = [(input_ids[i : i + self.max_seq_len], labels[i : i + self.max_seq_len])
-                      for i in range(0, len(input_ids), self.max_seq_len)]
+            pieces = chunk_document(input_ids, labels, self.max_seq_len, self.stride)
         elif len(input_ids) > self.max_seq_len:
             if self.overlong == "drop":
                 stats.dropped["longer than max_seq_len"] += 1
@@ -149,3 +168,40 @@ class Tokenizer:
         reply_ends = [max((j for j, (start, end) in enumerate(offsets) if end > start and start < e and end > s),
                           default=-1) for s, e in replies]
         return ids, labels, reply_ends
+
+
+def chunk_document(input_ids: list[int], labels: list[int], max_seq_len: int,
+                   stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Cut one document's ids and labels (length n) into chunks of at most ``max_seq_len`` tokens.
+
+    Stride policy: chunk ``k`` holds tokens ``[k·stride, min(k·stride + max_seq_len, n))``; chunks
+    follow until one reaches the end (the last may be shorter). ``stride`` defaults to
+    ``max_seq_len - 1``: consecutive chunks share one token, so the token that opens a chunk (which
+    no position of that chunk predicts) was a target at the end of the previous one. A smaller
+    stride gives later chunks more context: the tokens a chunk shares with the previous one are
+    context only (label ``-100``), so every token of the document but the first is a target exactly
+    once, whatever the stride (the sliding-window evaluation of Press et al. 2021, arXiv:2012.15832,
+    §2, applied to training chunks). A chunk never holds tokens of two documents.
+
+    Args:
+        input_ids, labels: one document's tokens and labels (``-100`` = not a target), same length.
+        stride: tokens between chunk starts, ``1 ≤ stride ≤ max_seq_len - 1`` (None = ``max_seq_len - 1``).
+
+    Returns:
+        ``(ids, labels)`` per chunk; a document of at most ``max_seq_len`` tokens is one chunk as is.
+
+    Raises:
+        ValueError: ``stride`` outside ``[1, max_seq_len - 1]``.
+    """
+    stride = max_seq_len - 1 if stride is None else stride
+    if not 1 <= stride <= max_seq_len - 1:
+        raise ValueError(f"chunk stride {stride} must be between 1 and max_seq_len - 1 = {max_seq_len - 1}")
+    chunks, start, covered, n = [], 0, 0, len(input_ids)
+    while True:
+        end = min(start + max_seq_len, n)
+        first_target = max(covered, start + 1)  # a chunk's first token is never its own target
+        chunks.append((list(input_ids[start:end]),
+                       [IGNORE_INDEX if j < first_target else labels[j] for j in range(start, end)]))
+        if end >= n:
+            return chunks
+        start, covered = start + stride, end

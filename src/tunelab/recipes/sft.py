@@ -16,11 +16,13 @@ from rich.table import Table
 
 from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
+from tunelab.errors import DataError
 from tunelab.data.batching import sft_batch_plan
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.templates import resolve_chat_template
 from tunelab.eval.report import print_side_by_side
 from tunelab.eval.perplexity import evaluate_lm
+from tunelab.eval.next_line import next_line_cases, next_line_exact_match
 from tunelab.models.attention import VARLEN_ATTENTION
 from tunelab.models.causal_lm import lm_loss
 from tunelab.models.generate import generate_replies
@@ -77,10 +79,21 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                            chunk_size=tc.ce_chunk_size)
 
     prompts = _sample_prompts(data.validation_examples, config.eval.sample_questions)
+    lines = _next_line_cases(data.validation_examples, config)
+
+    def next_line() -> dict[str, Any] | None:
+        return next_line_exact_match(model, tokenizer, lines, max_new_tokens=config.eval.max_new_tokens,
+                                     max_prompt_tokens=max(config.data.max_seq_len - config.eval.max_new_tokens, 8),
+                                     batch_size=config.eval.batch_size) if lines else None
+
     kept = before_training(output_dir, resume_from, lambda: {
         "held_out_before": evaluate() if eval_batches and config.eval.before_training else None,
+        "next_line_before": next_line() if config.eval.before_training else None,
         "answers_before": _answers(model, tokenizer, prompts, config)}, write=runtime.is_main)
     before, answers_before = kept.get("held_out_before"), kept.get("answers_before") or []
+    if kept.get("next_line_before"):
+        console.print(f"[bold]before[/] next-line exact match {kept['next_line_before']['next_line_exact_match']:.4f} "
+                      f"on {kept['next_line_before']['num_lines']} held-out lines")
     if before:
         console.print(f"[bold]before[/] held-out loss {before['loss']:.4f}  ppl {before['ppl']:.2f}")
 
@@ -101,8 +114,11 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     after = {k: after[k] for k in ("loss", "ppl", "token_accuracy")} if after else None
     with runtime.full_weights():  # FSDP: gather the shards so the model generates and saves as a whole
         answers_after = _answers(model, tokenizer, prompts, config)
+        next_line_after = next_line()
 
     results = {"train": data.train_stats.summary(), "held_out_before": before, "held_out_after": after,
+               **({"held_out_data": data.validation_stats.summary(), "next_line_before": kept.get("next_line_before"),
+                   "next_line_after": next_line_after} if lines else {}),
                "steps": result.state.step, **selection_results(result, tc),
                "train_seconds": round(time.perf_counter() - started, 1),
                "samples": [{"prompt": p[-1]["content"], "before": b, "after": a}
@@ -136,6 +152,22 @@ def _sample_prompts(examples: list[dict[str, Any]], n: int) -> list[list[dict[st
     return prompts
 
 
+def _next_line_cases(examples: list[dict[str, Any]], config: Config) -> list:
+    """The fixed held-out lines of ``eval.next_line_samples`` (none when 0).
+
+    Raises:
+        DataError: next-line eval asked for, but no held-out document is Python with a function body.
+    """
+    n = config.eval.next_line_samples
+    if n == 0:
+        return []
+    cases = next_line_cases([e for e in examples if "text" in e], n)
+    if not cases:
+        raise DataError(f"eval.next_line_samples={n}: no held-out document of data.validation / data.val_fraction "
+                        "is Python source with a function body to take lines from (the eval reads raw-text data)")
+    return cases
+
+
 def _answers(model, tokenizer, prompts, config: Config) -> list[str]:
     if not prompts or not tokenizer.chat_template:
         return []
@@ -157,5 +189,10 @@ def _report(console: Console, results: dict[str, Any], output_dir: Path) -> None
             table.add_row("change", f"{after['loss'] - before['loss']:+.4f}",
                           f"{after['ppl'] / before['ppl']:.2f}×", "")
         console.print(table)
+    if results.get("next_line_after"):
+        nb, na = results.get("next_line_before"), results["next_line_after"]
+        console.print(f"[bold]next-line exact match[/] on {na['num_lines']} held-out lines: "
+                      + (f"before {nb['next_line_exact_match']:.4f} ({nb['num_correct']}), " if nb else "")
+                      + f"after {na['next_line_exact_match']:.4f} ({na['num_correct']})")
     print_side_by_side(console, results["samples"], "held-out questions: starting model vs fine-tuned", "question")
     console.print(f"[bold green]saved[/] {output_dir} ({results['steps']} steps, {results['train_seconds']} s)")

@@ -38,13 +38,15 @@ def test_the_cli_prints_the_resume_command_and_exits_128_plus_the_signal(tmp_pat
 
     monkeypatch.setattr(tunelab.recipes, "get_recipe", lambda task: stopped_recipe)
     monkeypatch.setattr(cli, "error_console", Console(width=400, stderr=True))
-    monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(config), "train.lr=0.1", "--overwrite"])
+    monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(config), "train.lr=0.1",
+                                      "train.report_to=[tensorboard,mlflow]", "--overwrite"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 130
     out = capsys.readouterr().err
     assert "SIGINT received: stopped after step 7" in out
-    assert f"tunelab train {config} train.lr=0.1 --resume" in out
+    # a list override printed verbatim (rich markup ate "[tensorboard,mlflow]" before: the pasted command failed)
+    assert f"tunelab train {config} train.lr=0.1 'train.report_to=[tensorboard,mlflow]' --resume" in out
 
 
 def _config(root, model_dir, name):

@@ -209,9 +209,11 @@ def main() -> None:
         sys.exit(2)
     except RunInterrupted as stop:
         if os.environ.get("RANK", "0") == "0":
+            from rich.markup import escape  # the command may hold [a,b] list overrides: print it verbatim
+
             launcher = " (under the same torchrun launcher)" if "LOCAL_RANK" in os.environ else ""
-            error_console.print(f"[yellow]stopped[/]: {stop}. Continue with{launcher}:\n  "
-                                f"{resume_command(sys.argv[1:])}", highlight=False, soft_wrap=True)
+            error_console.print(f"[yellow]stopped[/]: {escape(str(stop))}. Continue with{launcher}:\n  "
+                                f"{escape(resume_command(sys.argv[1:]))}", highlight=False, soft_wrap=True)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]")

@@ -76,7 +76,8 @@ def inside(runs_dir: Path, path: str | Path) -> Path:
 
 def find_runs(runs_dir: Path) -> list[Path]:
     """Every run directory under ``runs_dir`` (one holding ``config.yaml`` or ``metrics.jsonl``), sorted;
-    not the board's own ``.board/``, and not a run's ``checkpoints/``."""
+    not the board's own ``.board/``, not a run's ``checkpoints/``, and nothing inside another run (a
+    tracker's copy of the config, e.g. MLflow's ``mlruns/<exp>/<run>/artifacts/config.yaml``)."""
     found: set[Path] = set()
     for marker in ("config.yaml", "metrics.jsonl"):
         for path in runs_dir.rglob(marker):
@@ -84,7 +85,7 @@ def find_runs(runs_dir: Path) -> list[Path]:
             parts = run.relative_to(runs_dir).parts
             if BOARD_DIR not in parts and "checkpoints" not in parts:
                 found.add(run)
-    return sorted(found)
+    return sorted(run for run in found if not any(parent in found for parent in run.parents))
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -102,8 +103,15 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record of ``metrics.jsonl`` (read-only; a half-written last line is left out)."""
-    return read_new_records(run_dir / "metrics.jsonl")[0]
+    """Every complete, well-formed record of ``metrics.jsonl`` (read-only; a half-written last line and
+    records that are not objects with an integer ``step`` are left out, see :func:`well_formed`)."""
+    return well_formed(read_new_records(run_dir / "metrics.jsonl")[0])
+
+
+def well_formed(records: list[Any]) -> list[dict[str, Any]]:
+    """The records a curve can use: JSON objects whose ``step`` (if any) is an integer."""
+    return [r for r in records if isinstance(r, dict)
+            and ("step" not in r or (isinstance(r["step"], int) and not isinstance(r["step"], bool)))]
 
 
 def run_status(run_dir: Path) -> str:
@@ -118,7 +126,17 @@ def run_status(run_dir: Path) -> str:
 
 
 def summarize(run_dir: Path, runs_dir: Path) -> RunSummary:
-    """The runs-table row of ``run_dir``."""
+    """The runs-table row of ``run_dir``; a run whose files cannot be read (wrong types in ``config.yaml``
+    or ``tunelab.json``) gets a row saying so, so one damaged run never hides the others."""
+    try:
+        return _summarize(run_dir, runs_dir)
+    except (TypeError, ValueError, AttributeError, KeyError, OSError) as err:
+        return RunSummary(name=str(run_dir.relative_to(runs_dir)), task="?", base_model="?", method="?",
+                          status=f"unreadable ({type(err).__name__}: {err})", steps=0, planned_steps=None,
+                          wall_s=None, best_metric=None, best=None, best_step=None)
+
+
+def _summarize(run_dir: Path, runs_dir: Path) -> RunSummary:
     config, records = read_config(run_dir), read_metrics(run_dir)
     info = _run_info(run_dir)
     train = config.get("train") or {}
@@ -169,9 +187,10 @@ def _newer(a: Path, b: Path) -> bool:
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / "tunelab.json").read_text())
+        info = json.loads((run_dir / "tunelab.json").read_text())
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _method(config: dict[str, Any], info: dict[str, Any]) -> str:
@@ -222,6 +241,6 @@ class MetricsFollower:
         if inode != stat.st_ino or stat.st_size < offset:  # replaced or cut: read it again whole
             offset, records = 0, []
         new, offset = read_new_records(path, offset)
-        records = records + new
+        records = records + well_formed(new)
         self._state[path] = (stat.st_ino, offset, records)
         return records

@@ -169,3 +169,32 @@ def test_watching_a_run_never_takes_its_lock_or_writes_into_it(tmp_path, monkeyp
     runs.MetricsFollower().records(run)
     compare.config_diff({"w": runs.read_config(run)})
     assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_tracker_folders_inside_a_run_are_not_runs(tmp_path):
+    """MLflow copies config.yaml into mlruns/<exp>/<run>/artifacts/: that was listed as a 'failed' run."""
+    run = _run(tmp_path, "a", checkpoint=3, finished=True)
+    artifacts = run / "mlruns" / "1" / "abc" / "artifacts"
+    artifacts.mkdir(parents=True)
+    (artifacts / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert runs.find_runs(tmp_path) == [run]
+
+
+@pytest.mark.parametrize("damage", ['{"step": "x", "loss": 1}\n', '{"step": null}\n', "[1, 2]\n", "tunelab.json=[]",
+                                    "config.yaml=train: 5"])
+def test_one_damaged_run_never_breaks_the_table(tmp_path, damage):
+    """A bad record or a wrongly typed file in one run: that run gets a row, the others are listed as usual
+    (before: int('x') raised and the whole board failed)."""
+    good = _run(tmp_path, "good", checkpoint=3, finished=True)
+    bad = _run(tmp_path, "bad", checkpoint=3, finished=True)
+    if "=" in damage and not damage.startswith("{"):
+        name, _, text = damage.partition("=")
+        (bad / name).write_text(text)
+    else:
+        with (bad / "metrics.jsonl").open("a") as f:
+            f.write(damage)
+    rows = {p.name: runs.summarize(p, tmp_path) for p in runs.find_runs(tmp_path)}
+    assert rows["good"].status == "finished" and rows["good"].steps == 3
+    assert rows["bad"].name == "bad"
+    rows["bad"].row()
+    assert all(isinstance(r, dict) and isinstance(r.get("step", 0), int) for r in runs.MetricsFollower().records(bad))

@@ -44,3 +44,13 @@ def test_setup_trainable_honours_gradient_checkpointing_for_every_recipe():
     plain = make_tiny_llama()
     setup_trainable(plain, config())
     assert not plain.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_bf16_weights_off_cuda_are_a_config_error_naming_model_dtype(precision):
+    """A bf16 frozen base on CPU crashed at the first LoRA matmul (bf16 vs fp32) instead of a clear error."""
+    cfg = config(precision=precision)
+    cfg.model.dtype = "bfloat16"
+    with pytest.raises(TunelabError, match="model.dtype: bfloat16 .*runs on CUDA"):
+        weights_dtype(cfg, torch.device("cpu"))
+    assert weights_dtype(cfg, torch.device("cuda")) == torch.bfloat16

@@ -63,20 +63,27 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b + B (s · A x)``: the scaling is applied to the rank-r intermediate (N × r), not
-        the output (N × out_features); no dropout op at all when dropout is 0; no dtype casts
-        (under autocast the matmuls take the autocast dtype)."""
+        the output (N × out_features); no dropout op at all when dropout is 0; no dtype casts under
+        autocast (the matmuls take the autocast dtype); outside autocast a bf16 input meets the fp32
+        adapter by a cast to fp32 and back."""
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
         dropped = bool(self.dropout and self.training)
         if dropped:
             x = F.dropout(x, self.dropout, training=True)
+        if x.dtype != self.lora_A.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # a bf16 base outside autocast (e.g. generating sample answers): run the fp32 adapter in fp32
+            return out + self._adapter_output(x.to(self.lora_A.weight.dtype), out.float(), dropped).to(out.dtype)
+        return out + self._adapter_output(x, out, dropped)
+
+    def _adapter_output(self, x: torch.Tensor, out: torch.Tensor, dropped: bool) -> torch.Tensor:
         if self.use_dora:
             bias = self.base_layer.bias
-            base_out = None if dropped else (out if bias is None else out - bias)
-            return out + dora.dora_extra_output(x, base_out, self.base_weight(), self.lora_A.weight,
-                                                self.lora_B.weight, self.scaling, self.lora_magnitude_vector)
-        return out + F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
+            base_out = None if dropped else (out if bias is None else out - bias.to(out.dtype))
+            return dora.dora_extra_output(x, base_out, self.base_weight(), self.lora_A.weight,
+                                          self.lora_B.weight, self.scaling, self.lora_magnitude_vector)
+        return F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight (out_features, in_features) as a dense tensor (dequantized if quantized)."""

@@ -131,8 +131,8 @@ def weights_dtype(config: Config, device: torch.device) -> torch.dtype:
 
     Raises:
         TunelabError: bf16 weights with ``train.precision: fp32`` (adapters would meet bf16 inputs
-            without autocast), bf16 weights for full/freeze fine-tuning (no fp32 master copy), or bf16
-            weights on a device other than CUDA (the LoRA matmuls would meet mixed dtypes).
+            without autocast; also ``auto`` off CUDA, which is fp32 there), or bf16 weights for full/freeze
+            fine-tuning (no fp32 master copy).
     """
     choice = config.model.dtype
     if choice == "auto":
@@ -143,9 +143,9 @@ def weights_dtype(config: Config, device: torch.device) -> torch.dtype:
                                "float32 master weights (use train.precision: bf16 for bf16 compute)")
         if config.train.precision == "fp32":
             raise TunelabError("model.dtype: bfloat16 needs train.precision auto or bf16 (autocast), not fp32")
-        if device.type != "cuda":
-            raise TunelabError(f"model.dtype: bfloat16 (a bf16 frozen base) runs on CUDA; on {device.type} keep "
-                               "model.dtype auto/float32 and set train.precision: bf16 for bf16 compute")
+        if config.train.precision == "auto" and device.type != "cuda":
+            raise TunelabError(f"model.dtype: bfloat16 needs bf16 autocast, and train.precision: auto means fp32 on "
+                               f"{device.type}: set train.precision: bf16 (the fast CPU path) or model.dtype: float32")
     return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
 

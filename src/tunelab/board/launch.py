@@ -114,7 +114,7 @@ class Launcher:
             command = [sys.executable, "-m", "tunelab", "train", str(config_path), *items]
             command += ["--resume"] if resume else (["--overwrite"] if overwrite else [])
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}  # unbuffered, tables unwrapped
-            with log.open("w") as out:
+            with log.open("a" if resume else "w") as out:  # a resume keeps the first attempt's output
                 process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True, env=env)
             launch = self.launches[key] = Launch(key, run_dir, log, command, process)

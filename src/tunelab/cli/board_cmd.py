@@ -15,7 +15,7 @@ def register(app: typer.Typer, console: Console) -> None:
     @app.command("board")
     def board_command(
         runs_dir: Annotated[Path, typer.Argument(help="Directory holding the runs (searched recursively).")] = Path("runs"),
-        port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+        port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = 7860,
         host: Annotated[str, typer.Option(
             help="Address to bind. Default: this machine only; anything else exposes the board (chat, launch) "
                  "to the network.")] = "127.0.0.1",
@@ -32,5 +32,11 @@ def register(app: typer.Typer, console: Console) -> None:
             Console(stderr=True).print(
                 f"[bold yellow]warning:[/] serving on {host}: anyone who can reach this address can read the runs "
                 f"under {runs_dir}, chat with them and start or stop training. There is no login.", highlight=False)
+        if not runs_dir.is_dir():
+            raise TunelabError(f"{runs_dir}: not a directory (tunelab board RUNS_DIR: the folder that holds the runs)")
         console.print(f"[bold]tunelab board[/] {runs_dir.resolve()} on http://{host}:{port}", highlight=False)
-        serve(runs_dir, host, port)
+        try:
+            serve(runs_dir, host, port)
+        except OSError as err:  # Gradio says "Cannot find empty port" for a taken port and an unknown address
+            raise TunelabError(f"tunelab board cannot listen on {host}:{port}: the port is taken or {host} is not an "
+                               f"address of this machine ({err}); choose another --port or --host") from None

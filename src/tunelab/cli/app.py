@@ -39,11 +39,15 @@ def train(
         min=1, help="Launch N processes on this machine with torchrun (see distributed.strategy).")] = None,
 ) -> None:
     """Train as the config says (``task`` picks the recipe)."""
+    from tunelab.config.load import load_config
+
     if nproc is not None:
         from tunelab.training.distributed import launch_local
 
+        if nproc > 1 and load_config(config, overrides or []).model.quantize != "none":  # before torchrun starts
+            raise TunelabError("model.quantize is not supported with several processes (--nproc > 1): train on one "
+                               "process or set model.quantize=none")
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
-    from tunelab.config.load import load_config
     from tunelab.recipes import get_recipe
 
     from tunelab.training.outputs import refuse_if_locked

@@ -131,3 +131,19 @@ def test_dpo_precomputed_reference_is_the_nf4_base_so_step_one_is_ln2(tmp_path, 
     step = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                 if "loss" in json.loads(line))
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_nproc_with_a_quantized_base_is_refused_before_torchrun_starts(tmp_path, monkeypatch):
+    """`--nproc 2` with model.quantize=nf4 was refused only inside each rank, after loading data, followed by
+    torchrun's traceback; now the CLI refuses before launching."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli.app import app
+    from tunelab.training import distributed
+
+    monkeypatch.setattr(distributed, "launch_local", lambda *a, **k: pytest.fail("torchrun was started"))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config(tmp_path, "some/model")))
+    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    assert isinstance(result.exception, TunelabError) and "model.quantize" in str(result.exception)

@@ -25,16 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.eval.intervals import wilson_interval
+
 RESULTS = Path(__file__).parent / "results" / "legal-governing-law.md"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion k/n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -52,7 +45,7 @@ def score(replies: list[str], answers: list[str]) -> dict[str, Any]:
     exact = [norm(r) == norm(a) for r, a in zip(replies, answers)]
     contains = [bool(norm(a)) and norm(a) in norm(r) for r, a in zip(replies, answers)]
     k, n = sum(exact), len(exact)
-    return {"exact_match": k / n, "exact_match_ci95": wilson(k, n), "correct": k, "n": n,
+    return {"exact_match": k / n, "exact_match_ci95": wilson_interval(k, n), "correct": k, "n": n,
             "contains": sum(contains) / n, "per_example": exact}
 
 
@@ -67,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from tunelab.data.builtin import load_builtin
     from tunelab.models.generate import generate_replies
-    from tunelab.models.loading import load_model, load_tokenizer
+    from tunelab.models.loading import load_model
     from tunelab.models.run import load_run
 
     torch.set_num_threads(2)

@@ -23,22 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunelab.eval.intervals import wilson_interval
+
 
 def length_choice(chosen: str, rejected: str) -> float:
     """1 when the longer reply (in words) is the chosen one, 0 when it is the rejected one, 1/2 on a tie."""
     a, b = len(chosen.split()), len(rejected.split())
     return 1.0 if a > b else 0.0 if a < b else 0.5
-
-
-def wilson(successes: float, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval (95%); fractional successes (ties as 1/2) are allowed."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def cluster_bootstrap(correct: list[float], groups: list[Any], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -69,7 +60,7 @@ def sign_test(wins: int, losses: int) -> float:
 def summarize(correct: list[float], groups: list[Any] | None) -> dict[str, Any]:
     """Accuracy, Wilson interval and (with groups) the cluster-bootstrap interval."""
     out = {"accuracy": round(sum(correct) / len(correct), 4), "pairs": len(correct),
-           "wilson95": [round(v, 4) for v in wilson(sum(correct), len(correct))]}
+           "wilson95": [round(v, 4) for v in wilson_interval(sum(correct), len(correct))]}
     if groups is not None:
         out["groups"] = len(set(groups))
         out["cluster_bootstrap95"] = [round(v, 4) for v in cluster_bootstrap(correct, groups)]

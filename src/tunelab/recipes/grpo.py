@@ -30,14 +30,11 @@ from tunelab.config.load import dump_config
 from tunelab.config.schema import Config
 from tunelab.losses.advantages import grpo_advantages, masked_mean, masked_sums, std_from_sums
 from tunelab.losses.ppo import grpo_loss
-from tunelab.models.run import save_run, whole_state_dict
 from tunelab.recipes.prepare import count_parameters, setup_trainable
-from tunelab.recipes.rl_start import start_rl_run
+from tunelab.recipes.rl_start import finish_rl_run, start_rl_run
 from tunelab.rollout.checkpoints import RLCheckpoints
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
-from tunelab.rollout.evaluate import (
-    held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
-)
+from tunelab.rollout.evaluate import log_samples, sample_records
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, num_rl_steps
@@ -89,21 +86,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           f"len {record['length/mean']:.1f}  loss {record['loss']:+.4f}  {record['step_s']:.1f}s")
             checkpoints.after_step(step + 1, steps)
         checkpoints.finish(steps)
-    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
-    with runtime.full_weights():  # FSDP: the whole policy on every rank to generate and save
-        after = held_out_rewards(session, config) if session.held_out else None
-        results = {**rl_results(session, before, after, steps, started), "scale_rewards": rl.scale_rewards,
-                   "kl_estimator": rl.resolved_kl_estimator("grpo"), "world_size": runtime.world_size}
-        if runtime.is_main:
-            save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=dump_config(config), results=results, state_dict=weights,
-                     lineage=session.lineage)
-    if runtime.is_main:
-        plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"GRPO {config.model.name_or_path}",
-                          (before["reward"], after["reward"]) if before and after else None, steps)
-    report_rl(console, results, output_dir)
-    runtime.close()
-    return results
+    return finish_rl_run(session, config, model, before, steps, started, log.read, "GRPO",
+                         {"scale_rewards": rl.scale_rewards, "kl_estimator": rl.resolved_kl_estimator("grpo")})
 
 
 def grpo_step(session: RLSession, prompts: list, config: Config, optimizer, scheduler, reference,

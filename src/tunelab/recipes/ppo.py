@@ -39,15 +39,12 @@ from tunelab.config.schema import Config
 from tunelab.losses.advantages import RunningMoments, gae, masked_sums, ppo_token_rewards, whiten_with_sums
 from tunelab.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
-from tunelab.models.run import save_run, whole_state_dict
 from tunelab.models.value_head import ValueHead
 from tunelab.recipes.prepare import count_parameters, setup_trainable
-from tunelab.recipes.rl_start import start_rl_run
+from tunelab.recipes.rl_start import finish_rl_run, start_rl_run
 from tunelab.rollout.checkpoints import RLCheckpoints
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
-from tunelab.rollout.evaluate import (
-    held_out_rewards, log_samples, plot_reward_curve, report_rl, rl_results, sample_records,
-)
+from tunelab.rollout.evaluate import log_samples, sample_records
 from tunelab.rollout.rewards import compute_rewards
 from tunelab.rollout.scoring import reference_logps, score_completions
 from tunelab.rollout.session import RLSession, frozen_copy, num_rl_steps
@@ -105,22 +102,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
                           f"beta {record['kl_coef']:.4f}  len {record['length/mean']:.1f}  {record['step_s']:.1f}s")
             checkpoints.after_step(step + 1, steps)
         checkpoints.finish(steps)
-    weights = whole_state_dict(model) if tc.method != "lora" else None  # FSDP full: gathered (collective)
-    with runtime.full_weights():  # FSDP: the whole policy and value head on every rank to generate and save
-        after = held_out_rewards(session, config) if session.held_out else None
-        results = {**rl_results(session, before, after, steps, started),
-                   "kl_estimator": rl.resolved_kl_estimator("ppo"), "world_size": runtime.world_size}
-        if runtime.is_main:
-            value_head.save(output_dir)  # before save_run: its tunelab.json, written last, marks the run finished
-            save_run(output_dir, model, session.tokenizer, method=tc.method, base_model=config.model.name_or_path,
-                     config_yaml=dump_config(config), results=results, state_dict=weights,
-                     lineage=session.lineage)
-    if runtime.is_main:
-        plot_reward_curve(log.read(), output_dir / "reward_curve.png", f"PPO {config.model.name_or_path}",
-                          (before["reward"], after["reward"]) if before and after else None, steps)
-    report_rl(console, results, output_dir)
-    runtime.close()
-    return results
+    return finish_rl_run(session, config, model, before, steps, started, log.read, "PPO",
+                         {"kl_estimator": rl.resolved_kl_estimator("ppo")}, save_extra=value_head.save)
 
 
 def _loop_state(generator: torch.Generator, kl_ctl, moments: RunningMoments | None) -> dict[str, Any]:

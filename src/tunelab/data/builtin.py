@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from tunelab.errors import DataError
@@ -44,6 +45,34 @@ def package_dir(module: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"built-in data needs the package {pip_name}: pip install {pip_name}")
     return Path(spec.submodule_search_locations[0])
+
+
+def vendored_request(name: str, split: str, splits: Sequence[str], data_file: Path, subset: str | None = None,
+                     subsets: Sequence[str] = ()) -> str | None:
+    """Check a request for the vendored data set ``builtin:NAME``: ``split`` is one of ``splits``, ``subset``
+    one of ``subsets`` (None = the first; a data set without subsets refuses any), ``data_file`` exists.
+
+    Returns the subset to use (None for a data set without subsets).
+
+    Raises:
+        DataError: naming the data set and the bad split or subset, or the missing file.
+    """
+    if not subsets and subset:
+        raise DataError(f"builtin:{name} has no subsets (got data name '{subset}')")
+    if split not in splits:
+        raise DataError(f"builtin:{name} has splits {_listed(splits)}, not '{split}'")
+    chosen = subset or (subsets[0] if subsets else None)
+    if subsets and chosen not in subsets:
+        raise DataError(f"builtin:{name} has the subsets {_listed(subsets)}, not '{chosen}'")
+    if not data_file.is_file():
+        raise DataError(f"builtin:{name}: {data_file} is missing (reinstall tunelab)")
+    return chosen
+
+
+def _listed(values: Sequence[str]) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``."""
+    quoted = [repr(v) for v in values]
+    return " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 
 
 def load_builtin(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import DataError
+from tunelab.data.builtin import vendored_request
 
 DATA_FILE = Path(__file__).parent / "assets" / "cuad" / "cuad_clauses.jsonl.gz"
 GOVERNING_LAW = "Governing Law"
@@ -48,12 +48,7 @@ def contract_split(contract: str) -> str:
 
 
 def _vendored(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
-    if subset:
-        raise DataError(f"builtin:{name} has no subsets (got data name '{subset}')")
-    if split not in SPLITS:
-        raise DataError(f"builtin:{name} has splits {list(SPLITS)}, not '{split}'")
-    if not DATA_FILE.is_file():
-        raise DataError(f"builtin:{name}: {DATA_FILE} is missing (reinstall tunelab)")
+    vendored_request(name, split, list(SPLITS), DATA_FILE, subset)
     with gzip.open(DATA_FILE, "rt", encoding="utf-8") as f:
         return [r for r in map(json.loads, f) if contract_split(r["contract"]) == split]
 

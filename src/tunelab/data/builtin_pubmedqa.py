@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import DataError
+from tunelab.data.builtin import vendored_request
 
 DATA_FILE = Path(__file__).parent / "assets" / "pubmedqa" / "pubmedqa_pqal.jsonl.gz"
 LABELS = ("yes", "no", "maybe")
@@ -39,12 +39,7 @@ def load_pubmedqa(subset: str | None, split: str) -> list[dict[str, Any]]:
     Raises:
         DataError: a subset was given (there are none), an unknown split, or the vendored file is missing.
     """
-    if subset:
-        raise DataError(f"builtin:pubmedqa has no subsets (got data name '{subset}')")
-    if split not in ("train", "test"):
-        raise DataError(f"builtin:pubmedqa has splits 'train' and 'test', not '{split}'")
-    if not DATA_FILE.is_file():
-        raise DataError(f"builtin:pubmedqa: {DATA_FILE} is missing (reinstall tunelab)")
+    vendored_request("pubmedqa", split, ("train", "test"), DATA_FILE, subset)
     with gzip.open(DATA_FILE, "rt", encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
     test = set()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.builtin import _holdout
-from tunelab.errors import DataError
+from tunelab.data.builtin import vendored_request
 
 DATA_FILE = Path(__file__).parent / "assets" / "qa_feedback" / "qa_feedback_dev.jsonl.gz"
 PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the order of the `preference` list
@@ -37,13 +37,8 @@ def load_qa_feedback(subset: str | None, split: str) -> list[dict[str, Any]]:
     Raises:
         DataError: unknown split or subset, or the vendored file is missing.
     """
-    if split not in ("train", "validation"):
-        raise DataError(f"builtin:qa-feedback has splits 'train' and 'validation', not '{split}'")
-    subset = subset or "strict"
-    if subset not in ("strict", "one-per-question"):
-        raise DataError(f"builtin:qa-feedback has the subsets 'strict' and 'one-per-question', not '{subset}'")
-    if not DATA_FILE.is_file():
-        raise DataError(f"builtin:qa-feedback: {DATA_FILE} is missing (reinstall tunelab)")
+    subset = vendored_request("qa-feedback", split, ("train", "validation"), DATA_FILE, subset,
+                              ("strict", "one-per-question"))
     records = []
     with gzip.open(DATA_FILE, "rt", encoding="utf-8") as f:
         for qid, line in enumerate(f):

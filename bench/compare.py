@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import pathlib
 import shlex
 import sys
 
-from bench.subproc import REPO_ROOT, run_in_subprocess, side_available
+from bench.subproc import REPO_ROOT, run_in_subprocess, save_results, side_available
 
 PEER_MODES = ("padding", "padding_free")
 CONTENTION_CORES = 0.25  # other processes' mean CPU use (cores) above which a run is flagged
@@ -239,10 +238,7 @@ def main(argv=None) -> int:
             wait_for_idle(args.wait_idle)
             results.append(run_tunelab_side(args, model_dir, data_path, peers, precision))
     print("\n" + head + "\n\n" + table(results) + "\n\n" + notes(results))
-    if args.json_out:
-        pathlib.Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json_out).write_text(json.dumps(results, indent=1))
-    return 1 if any("error" in r for r in results) else 0
+    return save_results(args.json_out, results)
 
 
 if __name__ == "__main__":

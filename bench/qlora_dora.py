@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from bench.metrics import GIB, ru_maxrss_bytes
-from bench.subproc import REPO_ROOT, child_env, emit_json_result
+from bench.subproc import REPO_ROOT, child_env, emit_json_result, save_results
 
 QUICKSTART = REPO_ROOT / "configs" / "sft" / "support-assistant-lora.yaml"
 TUNELAB_SETTINGS = {"lora": [], "qlora": ["model.quantize=nf4"], "dora": ["lora.use_dora=true"]}
@@ -323,23 +323,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     cmd = " ".join(["python -m bench.qlora_dora", *argv])
-    if args.target == "memory":
-        results = [nf4_memory_count()]
-        print(json.dumps(results[0], indent=1))
-    elif args.target == "dequant":
-        results = [dequant_speed(args.threads)]
-        print(json.dumps(results[0], indent=1))
-    elif args.target == "base-loss":
-        results = [base_loss(args.threads)]
+    single = {"memory": nf4_memory_count, "dequant": lambda: dequant_speed(args.threads),
+              "base-loss": lambda: base_loss(args.threads)}
+    if args.target in single:
+        results = [single[args.target]()]
         print(json.dumps(results[0], indent=1))
     else:
         results = run_cpu(args)
         print(f"- command: `{cmd}`\n- CPU: {os.cpu_count()} logical cores (shared with other jobs), "
               f"threads {args.threads}\n\n{table(results)}")
-    if args.json_out:
-        pathlib.Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json_out).write_text(json.dumps(results, indent=1))
-    return 1 if any("error" in r for r in results) else 0
+    return save_results(args.json_out, results)
 
 
 if __name__ == "__main__":

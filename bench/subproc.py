@@ -27,6 +27,15 @@ KINDS = {"peer": ("bench.peer", "run_peer"), "tunelab": ("bench.tunelab_side", "
 SIDE_OVERRIDE_ENV = "TUNELAB_BENCH_SIDE"  # e.g. "my_pkg.my_side:run_tunelab" replaces the tunelab entry
 
 
+def save_results(json_out: str | None, results: list[dict]) -> int:
+    """Write ``results`` to ``json_out`` (if given, parents created); the exit code: 1 if any has an error."""
+    if json_out:
+        path = pathlib.Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+    return 1 if any("error" in r for r in results) else 0
+
+
 def resolve(kind: str) -> tuple[str, str]:
     """(module, function) implementing ``kind``; tunelab's can be overridden via $TUNELAB_BENCH_SIDE."""
     if kind not in KINDS:

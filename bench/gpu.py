@@ -241,8 +241,9 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options both GPU benchmarks share: model size (--tiny), steps, the synthetic batch (examples per
+    step, max/median length in tokens, seed), attention, CE chunk, activation checkpointing."""
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--per-step", type=int, default=8)
@@ -252,6 +253,11 @@ def main():
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--grad-ckpt", action="store_true")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    workload_arguments(ap)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for tunelab runs")
     ap.add_argument("--lora-base", default="bf16", choices=["bf16", "fp32"])

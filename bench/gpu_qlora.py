@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.gpu import IGNORE_INDEX, make_examples, model_config, n_params, summarize, sync, table, train_peer
+from bench.gpu import IGNORE_INDEX, make_examples, model_config, n_params, summarize, sync, table, train_peer, workload_arguments
 
 
 def build_bf16_model(cfg, device: torch.device, seed: int, attn: str):
@@ -137,15 +137,7 @@ def _token_counts(examples_per_step) -> tuple[list[int], list[int]]:
 def main(argv=None) -> None:
     """CLI (see module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--per-step", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=2048)
-    ap.add_argument("--median", type=float, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--attn", default="sdpa")
-    ap.add_argument("--ce-chunk", type=int, default=4096)
-    ap.add_argument("--grad-ckpt", action="store_true")
+    workload_arguments(ap)
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

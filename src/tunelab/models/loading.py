@@ -22,8 +22,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 from tunelab.errors import ModelLoadError
 from tunelab.models.attention import resolve_attn_implementation
+from tunelab.models.cache import build_once
 from tunelab.models.split_archive import SplitArchive, assemble
 
 
@@ -182,8 +181,10 @@ def _unknown_name_message(name: str) -> str:
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors directory (model + tokenizer) and return it.
 
-    The cache key is the file's SHA-256, so an edited file converts again. Written to a temp
-    directory and renamed, so an interrupted conversion never leaves a half-written cache.
+    The cache key is the file's SHA-256, so an edited file converts again. Built through
+    :func:`tunelab.models.cache.build_once`: two processes converting the same file at once convert
+    it once (the second waits and reads the result), and an interrupted conversion never leaves a
+    half-written cache entry.
 
     Raises:
         ModelLoadError: the file does not exist or transformers cannot read it.
@@ -192,31 +193,29 @@ def convert_gguf(gguf_path: Path) -> Path:
 
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    digest = _sha256(gguf_path)[:16]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"
-    if (target / "config.json").is_file():
+    digest = _sha256(gguf_path)
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():  # installed by an atomic rename: complete (also pre-marker entries)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {"gguf_file": gguf_path.name}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    except Exception as err:  # transformers raises many types for unreadable files
-        raise ModelLoadError(f"cannot load GGUF file {gguf_path}: {err}") from err
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(workdir: Path) -> Path:
+        kwargs = {"gguf_file": gguf_path.name}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        except Exception as err:  # transformers raises many types for unreadable files
+            raise ModelLoadError(f"cannot load GGUF file {gguf_path}: {err}") from err
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(workdir)
+        tokenizer.save_pretrained(workdir)
+        return workdir
+
+    return build_once(target, build, stamp=digest)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:

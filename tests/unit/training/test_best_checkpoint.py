@@ -148,3 +148,13 @@ def test_metric_names_are_checked_per_task(task, metric, ok):
     else:
         with pytest.raises(ConfigError, match="metric_for_best"):
             validate_config(raw)
+
+
+def test_eval_every_not_below_the_steps_warns_that_metric_for_best_selects_nothing(tmp_path, capsys):
+    # The CUAD configs once set eval_every 22 for a run of 17 steps (grad_accum defaults to 8): the run
+    # evaluated only at its end and "best-step selection" selected nothing, silently.
+    _fit(tmp_path / "a", [1.0], 3, eval_every=3, save_every=3)
+    out = capsys.readouterr().out
+    assert "train.eval_every=3 is not below the run's 3 optimizer steps" in out and "selects nothing" in out
+    _fit(tmp_path / "b", [1.0, 2.0], 3, eval_every=2, save_every=2)
+    assert "selects nothing" not in capsys.readouterr().out

@@ -24,7 +24,8 @@ trackio        trackio's own local store, project          ``trackio show --proj
 Only numbers are tracked: a record's nested dicts become ``a/b`` keys; lists and text (a confusion
 matrix, sample answers) stay in ``metrics.jsonl`` only. The x axis is the record's ``step``
 (optimizer step; RL step for PPO/GRPO). A resumed run continues the same tracker run where the
-library allows it (MLflow: the same run; TensorBoard: a purge event drops points past the resumed
+library allows it (MLflow: the same run, points past the checkpoint that reached it before the
+interruption are not logged again; TensorBoard: a purge event drops points past the resumed
 step); a fresh run (or ``--overwrite``) first removes the tracker directory an earlier run left
 (Trackio: a resumed run continues the run of that name, ``resume="allow"``).
 """
@@ -180,9 +181,15 @@ class _MLflow:
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
         earlier = self.client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1) \
             if resume_step is not None else []
+        self.logged: set[tuple[str, int]] = set()
         if earlier:  # --resume: continue the interrupted run
             self.run_id = earlier[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            # Points logged after the checkpoint, before the interruption: MLflow cannot delete them,
+            # so they are not logged twice (an exact resume recomputes the same values).
+            for key in earlier[0].data.metrics:
+                self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key)
+                                   if m.step > resume_step)
             return
         self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
         params = [Param(k[:250], str(v)[:6000]) for k, v in flat_config(config_yaml).items()]
@@ -196,7 +203,9 @@ class _MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for k, v in values.items() if (k, step) not in self.logged]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

@@ -121,6 +121,22 @@ def test_mlflow_file_store_holds_every_metric_and_the_config_as_params(tmp_path,
     assert Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text() == config_yaml
 
 
+@_needs("mlflow")
+def test_mlflow_after_kill_and_resume_holds_each_step_once(tmp_path, monkeypatch):
+    # kill -9 after step 3 reached MLflow, checkpoint at step 1: the resumed run recomputes steps 2-3.
+    # MLflow cannot delete points, so it used to hold steps 2 and 3 twice (breaker, issue 20).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    _write(tmp_path, ["mlflow"], RECORDS)
+    _write(tmp_path, ["mlflow"], [r for r in RECORDS if r["step"] > 1] + [{"step": 4, "loss": 1.5}], resume_step=1)
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")) == [2]
+
+
 @_needs("wandb")
 def test_wandb_offline_run_file_holds_every_metric_and_the_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)

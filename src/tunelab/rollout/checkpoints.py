@@ -33,6 +33,7 @@ from tunelab.training.distributed import Runtime, single_process
 from tunelab.training.interrupt import RunInterrupted, StopSignals
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.outputs import writing_checkpoint
+from tunelab.training.trackers import remove_tracker_dirs
 from tunelab.training.resume import check_resumed_config
 
 
@@ -69,6 +70,7 @@ class RLCheckpoints:
         if resume_from is None:
             if main:
                 clear_checkpoints(self.output_dir)
+                remove_tracker_dirs(self.output_dir)
                 samples.parent.mkdir(parents=True, exist_ok=True)
                 samples.write_text("")
             self.runtime.barrier()  # no rank writes a checkpoint before the old ones are gone

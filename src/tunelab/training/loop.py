@@ -49,6 +49,7 @@ from tunelab.training.precision import autocast
 from tunelab.training.progress import training_progress
 from tunelab.training.resume import check_resumed_config
 from tunelab.training.selection import BestTracker
+from tunelab.training.trackers import remove_tracker_dirs
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -140,6 +141,7 @@ def fit(
     else:
         if runtime.is_main:
             clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
+            remove_tracker_dirs(output_dir)
         if runtime.world_size > 1:
             torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None,

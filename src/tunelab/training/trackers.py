@@ -104,6 +104,18 @@ def flat_config(config_yaml: str) -> dict[str, Any]:
     return walk(raw, "") if isinstance(raw, dict) else {}
 
 
+def remove_tracker_dirs(run_dir: Path) -> None:
+    """Remove the tracker directories (:data:`TRACKER_DIRS`) an earlier run left in ``run_dir``.
+
+    Called when a fresh run replaces an old one (``--overwrite``), whatever this run's
+    ``train.report_to``: a run that no longer reports to MLflow must not show the old run's curves
+    (in ``mlruns/``, or on the board) as its own. Only these tunelab-written names are removed.
+    """
+    for sub in TRACKER_DIRS.values():
+        if (run_dir / sub).is_dir():
+            shutil.rmtree(run_dir / sub)
+
+
 def open_trackers(names: Iterable[str], run_dir: Path, config_yaml: str, resume_step: int | None) -> list[Tracker]:
     """Open one tracker run per name, writing under ``run_dir``; ``resume_step`` None = a fresh run.
 

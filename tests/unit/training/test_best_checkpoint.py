@@ -158,3 +158,18 @@ def test_eval_every_not_below_the_steps_warns_that_metric_for_best_selects_nothi
     assert "train.eval_every=3 is not below the run's 3 optimizer steps" in out and "selects nothing" in out
     _fit(tmp_path / "b", [1.0, 2.0], 3, eval_every=2, save_every=2)
     assert "selects nothing" not in capsys.readouterr().out
+
+
+def test_a_fresh_run_removes_an_earlier_runs_tracker_dirs_and_a_resume_keeps_them(tmp_path):
+    # --overwrite with a config that no longer reports to MLflow kept the old run's mlruns/ (and the
+    # board listed its curves as this run's); user files beside them stay.
+    for sub in ("mlruns", "wandb", "tensorboard"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "old.txt").write_text("old run")
+    (tmp_path / "notes.txt").write_text("mine")
+    _fit(tmp_path, [1.0, 2.0], 2)
+    assert not any((tmp_path / sub).exists() for sub in ("mlruns", "wandb", "tensorboard"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "mlruns").mkdir()
+    _fit(tmp_path, [1.0, 2.0], 3, resume_from=tmp_path / "checkpoints" / "step-000002")
+    assert (tmp_path / "mlruns").is_dir()

@@ -15,19 +15,23 @@ from tunelab.adapters.lora import find_target_modules
 from tunelab.config.schema import Config
 from tunelab.models.loading import resolve_model_path
 from tunelab.models.run import config_reference
+from tunelab.training.trackers import check_reachable
 
 SEQUENCE_TASKS = ("classification", "reward")
 
 
 def check_before_loading(config: Config) -> None:
-    """Check ``lora.target_modules`` against the model's architecture (``train.method: lora`` only).
+    """Check that an MLflow server in ``train.report_to`` answers, and ``lora.target_modules``
+    against the model's architecture (``train.method: lora`` only).
 
     A model whose config cannot be read here (a hub id without network) is left to the loader.
 
     Raises:
         ConfigError: a target name or pattern matches no linear layer (the message lists the
-            linear-module names).
+            linear-module names); the MLflow server does not answer
+            (:func:`tunelab.training.trackers.check_reachable`).
     """
+    check_reachable(config.train.report_to)
     if config.train.method != "lora":
         return
     skeleton = model_skeleton(config)

@@ -104,6 +104,37 @@ def flat_config(config_yaml: str) -> dict[str, Any]:
     return walk(raw, "") if isinstance(raw, dict) else {}
 
 
+def mlflow_server_uri() -> str | None:
+    """``$MLFLOW_TRACKING_URI`` when it names a server (http/https/databricks), else None (the file store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri if uri.split(":", 1)[0] in ("http", "https", "databricks") else None
+
+
+def check_reachable(names: Iterable[str]) -> None:
+    """Before any data or weights load: an MLflow server named by ``$MLFLOW_TRACKING_URI`` answers.
+
+    MLflow's client retries an unreachable server with back-off for minutes, silently; tunelab lowers
+    that to 2 retries of 10 s (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT``, unless set) and asks
+    once here, so a wrong URI fails in seconds, before ``--overwrite`` replaces anything.
+
+    Raises:
+        ConfigError: the server does not answer (naming the URI and ``train.report_to``).
+    """
+    uri = mlflow_server_uri() if "mlflow" in names else None
+    if uri is None:
+        return
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # requests/MLflow raise many types for a refused or timed-out connection
+        raise ConfigError(f"train.report_to: mlflow: the server MLFLOW_TRACKING_URI={uri} does not answer "
+                          f"({type(err).__name__}: {str(err)[:200]}); start it, fix the variable, or unset it "
+                          "to write the file store under the run directory") from None
+
+
 def remove_tracker_dirs(run_dir: Path) -> None:
     """Remove the tracker directories (:data:`TRACKER_DIRS`) an earlier run left in ``run_dir``.
 
@@ -185,6 +216,8 @@ class _MLflow:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if mlflow_server_uri():
+            check_reachable(["mlflow"])  # also sets the short retry/timeout defaults for the whole run
         if not uri:  # the file store: in maintenance mode since MLflow 3, still supported behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = directory.resolve().as_uri()

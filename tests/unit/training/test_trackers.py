@@ -137,6 +137,29 @@ def test_mlflow_after_kill_and_resume_holds_each_step_once(tmp_path, monkeypatch
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")) == [2]
 
 
+@_needs("mlflow")
+def test_an_unreachable_mlflow_server_is_a_config_error_in_seconds(monkeypatch):
+    # It used to hang for minutes in MLflow's retries, without a message (breaker, issue 20).
+    import socket
+    import time
+
+    from tunelab.training.trackers import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"train.report_to: mlflow: the server MLFLOW_TRACKING_URI=http://127.0.0.1:{port}"):
+        check_reachable(["tensorboard", "mlflow"])
+    assert time.monotonic() - started < 60
+    check_reachable(["tensorboard"])  # no MLflow asked for: nothing checked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/x")
+    check_reachable(["mlflow"])  # a file store needs no server
+
+
 @_needs("wandb")
 def test_wandb_offline_run_file_holds_every_metric_and_the_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)

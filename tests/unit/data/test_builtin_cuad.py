@@ -124,6 +124,9 @@ def test_legal_configs_read_the_cuad_sources_held_out_by_contract():
         assert config.data.train.path.startswith("builtin:cuad-") and config.data.train.split == "train"
         assert config.data.validation.split == "validation" and config.data.val_fraction in (None, 0, 0.0)
         assert config.train.threads == 2
+        if config.task == "classification":  # listed, so a data.max_examples subset missing a type still loads
+            assert config.classification.labels == sorted(CATEGORIES)
+            assert config.train.grad_accum == 1 and config.train.eval_every  # eval_every counts 16-clause steps
 
 
 def test_mpnet_configs_train_only_the_top_layer_and_the_head():

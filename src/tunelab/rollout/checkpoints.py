@@ -27,13 +27,12 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import (
-    TrainState, clear_checkpoints, load_checkpoint, load_extra, run_finished, save_checkpoint, saved_world_size,
+    TrainState, clear_previous_run, load_checkpoint, load_extra, run_finished, save_checkpoint, saved_world_size,
 )
 from tunelab.training.distributed import Runtime, single_process
 from tunelab.training.interrupt import RunInterrupted, StopSignals
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.outputs import writing_checkpoint
-from tunelab.training.trackers import remove_tracker_dirs
 from tunelab.training.resume import check_resumed_config
 
 
@@ -69,8 +68,7 @@ class RLCheckpoints:
         main = self.runtime.is_main
         if resume_from is None:
             if main:
-                clear_checkpoints(self.output_dir)
-                remove_tracker_dirs(self.output_dir)
+                clear_previous_run(self.output_dir)
                 samples.parent.mkdir(parents=True, exist_ok=True)
                 samples.write_text("")
             self.runtime.barrier()  # no rank writes a checkpoint before the old ones are gone

@@ -165,6 +165,23 @@ def run_finished(output_dir: Path, step: int) -> bool:
         return False
 
 
+def clear_previous_run(output_dir: Path) -> None:
+    """A fresh run replacing an old one (``--overwrite``), called once its setup succeeded.
+
+    The old run's completion marker ``tunelab.json`` goes first: a run killed after its last checkpoint
+    but before its final save is then an unfinished run (``--resume`` finishes it; it is refused as
+    another run's base), never the old run's model and report posing as the new run's. Then the old
+    checkpoints (:func:`clear_checkpoints`) and tracker directories
+    (:func:`tunelab.training.trackers.remove_tracker_dirs`). The old model files stay until the new
+    final save replaces them.
+    """
+    from tunelab.training.trackers import remove_tracker_dirs
+
+    (output_dir / "tunelab.json").unlink(missing_ok=True)
+    clear_checkpoints(output_dir)
+    remove_tracker_dirs(output_dir)
+
+
 def clear_checkpoints(output_dir: Path) -> int:
     """Remove every checkpoint (and half-written ``.tmp-``/``.old-`` leftovers of killed writes) under
     ``output_dir/checkpoints``; returns how many checkpoints were removed. Used when a fresh run

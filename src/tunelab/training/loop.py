@@ -36,7 +36,7 @@ from torch import nn
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.training.checkpoint import (
-    TrainState, checkpoint_dir, clear_checkpoints, load_checkpoint, load_trainable_weights, run_finished,
+    TrainState, checkpoint_dir, clear_previous_run, load_checkpoint, load_trainable_weights, run_finished,
     save_checkpoint, saved_world_size,
 )
 from tunelab.training.compile import compiled_layers
@@ -49,7 +49,6 @@ from tunelab.training.precision import autocast
 from tunelab.training.progress import training_progress
 from tunelab.training.resume import check_resumed_config
 from tunelab.training.selection import BestTracker
-from tunelab.training.trackers import remove_tracker_dirs
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -140,8 +139,7 @@ def fit(
         _refuse_finished(resume_from, state, num_steps, output_dir)
     else:
         if runtime.is_main:
-            clear_checkpoints(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
-            remove_tracker_dirs(output_dir)
+            clear_previous_run(output_dir)  # a fresh run replacing an old one (--overwrite): only now, after setup
         if runtime.world_size > 1:
             torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None,

@@ -173,3 +173,14 @@ def test_a_fresh_run_removes_an_earlier_runs_tracker_dirs_and_a_resume_keeps_the
     (tmp_path / "mlruns").mkdir()
     _fit(tmp_path, [1.0, 2.0], 3, resume_from=tmp_path / "checkpoints" / "step-000002")
     assert (tmp_path / "mlruns").is_dir()
+
+
+def test_overwrite_removes_the_old_runs_completion_marker_before_training(tmp_path):
+    # kill -9 of an --overwrite run after its last checkpoint, before its final save, left the old
+    # tunelab.json (same step count): --resume said "finished" and chaining started from the old model.
+    from tunelab.training.checkpoint import run_finished
+
+    (tmp_path / "tunelab.json").write_text(json.dumps({"results": {"steps": 2}}))
+    assert run_finished(tmp_path, 2)
+    _fit(tmp_path, [1.0, 2.0], 2)
+    assert not (tmp_path / "tunelab.json").exists() and not run_finished(tmp_path, 2)

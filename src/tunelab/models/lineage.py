@@ -110,6 +110,20 @@ def weights_digest(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
+MODEL_CONFIG_FILES = ("adapter_config.json", "config.json")
+
+
+def model_files_digest(run_dir: Path) -> str:
+    """SHA-256 over the weight files and the configs that shape the model (``adapter_config.json``:
+    ``lora_alpha``, targets; ``config.json``): an edited ``lora_alpha`` changes the logits as surely as
+    edited weights, so both are covered."""
+    digest = hashlib.sha256(weights_digest(run_dir).encode())
+    for name in MODEL_CONFIG_FILES:
+        if (run_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (run_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
 def lineage_entry(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """One lineage record of the finished run in ``run_dir`` (whose ``tunelab.json`` is ``info``)."""
     task = info.get("task")
@@ -118,7 +132,8 @@ def lineage_entry(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
 
         task = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("task")
     return {"output_dir": str(run_dir.resolve()), "task": task, "method": info.get("method"),
-            "base_model": info.get("base_model"), "weights_sha256": weights_digest(run_dir)}
+            "base_model": info.get("base_model"), "weights_sha256": weights_digest(run_dir),
+            "model_files_sha256": model_files_digest(run_dir)}
 
 
 def start_lineage(reference: str, output_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -129,12 +144,14 @@ def start_lineage(reference: str, output_dir: Path | None = None) -> list[dict[s
         ModelLoadError: ``reference`` is a checkpoint, an unfinished run, a classification/reward
             run, or this run's own ``output_dir`` (which the run would overwrite).
     """
+    own = Path(str(reference)).expanduser()
+    if output_dir is not None and own.is_dir() and own.resolve() == Path(output_dir).resolve():
+        # before run_directory: this run's own lock would otherwise read as "in use by another process"
+        raise ModelLoadError(f"model.name_or_path {reference} is this run's own output_dir; start from it "
+                             "into another output_dir")
     run_dir = run_directory(reference)
     if run_dir is None:
         return []
-    if output_dir is not None and run_dir.resolve() == Path(output_dir).resolve():
-        raise ModelLoadError(f"model.name_or_path {reference} is this run's own output_dir; start from it "
-                             "into another output_dir")
     info = read_run_info(run_dir)
     if info.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
         raise ModelLoadError(
@@ -151,15 +168,59 @@ def start_lineage(reference: str, output_dir: Path | None = None) -> list[dict[s
 def check_lineage(run_dir: Path, info: dict[str, Any], base_dir: Path) -> None:
     """Refuse a LoRA run whose base run directory changed since the run was trained on it.
 
+    The base's record is the lineage entry of ``base_dir``'s path, else the last entry (the run's
+    direct base, wherever the run tree now lives); its ``model_files_sha256`` (weights and model
+    configs) is compared where recorded, else ``weights_sha256`` (runs from before it existed).
+
     Raises:
-        ModelLoadError: the base run's weights digest differs from the one in ``info["lineage"]``.
+        ModelLoadError: the base run's digest differs from the recorded one.
     """
-    recorded = next((e for e in reversed(info.get("lineage") or [])
-                     if Path(e["output_dir"]).resolve() == base_dir.resolve()), None)
+    lineage = info.get("lineage") or []
+    recorded = next((e for e in reversed(lineage) if Path(e["output_dir"]).resolve() == base_dir.resolve()),
+                    lineage[-1] if lineage and (base_dir / RUN_INFO).is_file() else None)
     if recorded is None:
         return
-    now = weights_digest(base_dir)
-    if now != recorded["weights_sha256"]:
+    key, now = (("model_files_sha256", model_files_digest(base_dir)) if "model_files_sha256" in recorded
+                else ("weights_sha256", weights_digest(base_dir)))
+    if now != recorded[key]:
         raise ModelLoadError(
-            f"{run_dir}: its adapter was trained on the run {base_dir}, whose weights changed since "
-            f"(sha256 {recorded['weights_sha256'][:12]}… then, {now[:12]}… now); restore that run or retrain")
+            f"{run_dir}: its adapter was trained on the run {recorded['output_dir']}, but the base found at "
+            f"{base_dir} has other weights or model configs (sha256 {recorded[key][:12]}… then, {now[:12]}… "
+            "now): it was replaced (--overwrite), edited or is another run; restore that run or retrain")
+
+
+START_RECORD = "lineage_start.json"
+
+
+def record_or_check_start(reference: str, output_dir: Path, resuming: bool, *, write: bool = True) -> None:
+    """Keep the earlier run a run starts from fixed across ``--resume``.
+
+    A fresh run writes its start's lineage (``output_dir/lineage_start.json``; ``write=False`` on
+    ranks other than 0); a resumed run compares the start as it is now with that record, so a base
+    replaced (``--overwrite``) or edited while the run was paused is refused instead of silently
+    continuing on other weights (the "before" numbers and the lineage would describe another model).
+
+    Raises:
+        ModelLoadError: as :func:`start_lineage`; on resume, the start's digests differ from the record.
+    """
+    lineage = start_lineage(reference, output_dir)
+    path = output_dir / START_RECORD
+    if not resuming:
+        if write:
+            from tunelab.training.outputs import atomic_file
+
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(lineage, indent=2))
+        return
+    if not path.is_file():
+        return  # a run from before this record existed
+    then = json.loads(path.read_text())
+    key = "model_files_sha256"
+    if [(e["output_dir"], e.get(key)) for e in then] != [(e["output_dir"], e.get(key)) for e in lineage]:
+        was = then[-1] if then else {"output_dir": "a model that is no run"}
+        raise ModelLoadError(
+            f"--resume: this run started from {was['output_dir']} (sha256 {str(was.get(key))[:12]}…), but "
+            f"model.name_or_path {reference} now gives "
+            f"{lineage[-1]['output_dir'] + ' (sha256 ' + lineage[-1][key][:12] + '…)' if lineage else 'no run'}: "
+            "the earlier run was replaced or edited while this one was paused; restore it, or start this run "
+            "again with --overwrite")

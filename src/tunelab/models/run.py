@@ -53,10 +53,11 @@ def save_run(
     stop_ids: list[int] = []
     try:
         base_path = resolve_model_path(base_model)
+        if Path(base_path).exists():  # a local base (an earlier run): absolute, so it loads from any directory
+            base_path = str(Path(base_path).resolve())
         causal = task_type == "CAUSAL_LM"
         if method == "lora":
-            save_adapter(model, tmp, base_model_name_or_path=str(Path(base_path).resolve()) if Path(base_path).exists()
-                         else base_path, task_type=task_type, modules_to_save=list(modules_to_save))
+            save_adapter(model, tmp, base_model_name_or_path=base_path, task_type=task_type, modules_to_save=list(modules_to_save))
             if causal:
                 stop_ids = write_generation_config(tmp, tokenizer, model)
         else:
@@ -194,6 +195,11 @@ def base_reference(info: dict[str, Any]) -> str:
     """The base model of a LoRA run: its recorded local path, or its original reference (an alias or hub
     id) where that path does not exist on this machine (e.g. a GGUF conversion cache)."""
     base = info.get("base_model_path")
+    lineage = info.get("lineage") or []
+    if base and not Path(base).is_absolute() and lineage:
+        # a run from before base paths were stored absolute: its direct base run's recorded (absolute) dir,
+        # not whatever that relative path means in the current directory
+        return lineage[-1]["output_dir"]
     if not base or (Path(base).is_absolute() and not Path(base).exists()):
         base = info["base_model"]
     return base

@@ -17,6 +17,7 @@ from torch import nn
 from tunelab.adapters.lora import inject_lora
 from tunelab.config.schema import Config
 from tunelab.errors import TunelabError
+from tunelab.models.lineage import record_or_check_start
 from tunelab.quant.nf4 import quantize_frozen_linears
 from tunelab.training.distributed import Runtime, env_world_size, init_distributed
 from tunelab.training.outputs import BEFORE_TRAINING, RUN_MARKERS, atomic_file, check_output_dir  # noqa: F401
@@ -44,9 +45,14 @@ def start_run(config: Config, resume: bool | str | None, overwrite: bool,
     Raises:
         TunelabError: as :func:`tunelab.training.distributed.init_distributed` and
             :func:`tunelab.training.outputs.check_output_dir` (on rank 0).
+        ModelLoadError: the run starts from an earlier run that is unusable, or (``--resume``) that
+            changed since the run started (:func:`tunelab.models.lineage.record_or_check_start`).
     """
     runtime = init_distributed(config.distributed, config.train.precision)
     resume_from = runtime.from_main(check_output_dir, Path(config.output_dir), resume, overwrite)
+    # stage chaining: the earlier run this one starts from must be the same one on --resume
+    record_or_check_start(config.model.name_or_path, Path(config.output_dir), resume_from is not None,
+                          write=runtime.is_main)
     seed_everything(config.train.seed, config.train.threads)
     return runtime, runtime.console(console), resume_from
 

@@ -110,7 +110,7 @@ def test_a_changed_base_run_is_refused_when_its_adapter_loads(tmp_path, base_dir
                   lineage=start_lineage(str(tmp_path / "a")))
     weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     save_file({k: v * 2 for k, v in weights.items()}, str(tmp_path / "a" / "adapter_model.safetensors"))
-    with pytest.raises(ModelLoadError, match="whose weights changed since"):
+    with pytest.raises(ModelLoadError, match="has other weights or model configs"):
         load_run(tmp_path / "b")
 
 
@@ -240,3 +240,66 @@ def test_checkpoints_unfinished_runs_classifiers_and_the_own_output_dir_are_refu
     with pytest.raises(ModelLoadError, match="this run's own output_dir"):
         start_lineage(str(tmp_path / "rm"), tmp_path / "rm")
     assert start_lineage(str(base_dir)) == [] and start_lineage("smollm2-135m-instruct") == []
+
+
+def test_a_relative_base_loads_the_same_run_from_any_working_directory(tmp_path, base_dir, smollm2_tokenizer,
+                                                                       monkeypatch):
+    # tunelab.json kept base_model_path "a" as typed: from another directory holding its own "a", the
+    # run loaded that one's weights silently (breaker, issue 18).
+    from tunelab.models.lineage import start_lineage
+    from tunelab.models.loading import load_model
+    from tunelab.models.run import load_run, load_weights
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    save_lora_run(tmp_path / "x" / "a", load_model(str(base_dir)), smollm2_tokenizer, base_dir)
+    want = save_lora_run(tmp_path / "x" / "b", load_weights("a"), smollm2_tokenizer, "a", seed=1,
+                         lineage=start_lineage("a"))
+    info = json.loads((tmp_path / "x" / "b" / "tunelab.json").read_text())
+    assert info["base_model_path"] == str((tmp_path / "x" / "a").resolve())
+    save_lora_run(tmp_path / "y" / "a", load_model(str(base_dir)), smollm2_tokenizer, base_dir, seed=7)
+    monkeypatch.chdir(tmp_path / "y")
+    assert torch.allclose(logits(load_run(tmp_path / "x" / "b")[0]), want, atol=1e-5)
+    info["base_model_path"] = "a"  # as runs written before this fix recorded it
+    (tmp_path / "x" / "b" / "tunelab.json").write_text(json.dumps(info))
+    assert torch.allclose(logits(load_run(tmp_path / "x" / "b")[0]), want, atol=1e-5)  # the lineage's own "a"
+
+
+def test_an_edited_adapter_config_of_the_base_is_refused(tmp_path, base_dir, smollm2_tokenizer):
+    from tunelab.models.lineage import start_lineage
+    from tunelab.models.loading import load_model
+    from tunelab.models.run import load_run, load_weights
+
+    save_lora_run(tmp_path / "a", load_model(str(base_dir)), smollm2_tokenizer, base_dir)
+    save_lora_run(tmp_path / "b", load_weights(str(tmp_path / "a")), smollm2_tokenizer, tmp_path / "a", seed=1,
+                  lineage=start_lineage(str(tmp_path / "a")))
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["lora_alpha"] *= 8  # the weights are unchanged; the base's logits are not
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="has other weights or model configs"):
+        load_run(tmp_path / "b")
+
+
+def test_resume_refuses_a_start_run_replaced_while_paused(tmp_path, base_dir, smollm2_tokenizer):
+    # A child paused by SIGTERM, its base --overwrite'n, then --resume: it trained on to the end on the
+    # new base, kept the old base's "before" numbers and recorded the new digest (breaker, issue 18).
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.models.lineage import START_RECORD, record_or_check_start
+    from tunelab.models.loading import load_model
+
+    save_lora_run(tmp_path / "a", load_model(str(base_dir)), smollm2_tokenizer, base_dir)
+    child = tmp_path / "child"
+    child.mkdir()
+    record_or_check_start(str(tmp_path / "a"), child, resuming=False)
+    assert json.loads((child / START_RECORD).read_text())[-1]["output_dir"] == str((tmp_path / "a").resolve())
+    record_or_check_start(str(tmp_path / "a"), child, resuming=True)  # unchanged: resumes
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ModelLoadError, match="--resume: this run started from .*replaced or edited"):
+        record_or_check_start(str(tmp_path / "a"), child, resuming=True)
+    record_or_check_start(str(base_dir), tmp_path / "plain", resuming=False) if (tmp_path / "plain").mkdir() \
+        is None else None
+    record_or_check_start(str(base_dir), tmp_path / "plain", resuming=True)  # a plain model: nothing to compare

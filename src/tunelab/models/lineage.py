@@ -30,6 +30,7 @@ from typing import Any
 from tunelab.errors import ModelLoadError
 from tunelab.training.checkpoint import checkpoint_step, list_checkpoints
 from tunelab.training.outputs import RUN_MARKERS
+from tunelab.training.outputs.writes import LINEAGE_START
 from tunelab.training.outputs.lock import refuse_if_locked
 
 RUN_INFO = "tunelab.json"
@@ -189,13 +190,13 @@ def check_lineage(run_dir: Path, info: dict[str, Any], base_dir: Path) -> None:
             "now): it was replaced (--overwrite), edited or is another run; restore that run or retrain")
 
 
-START_RECORD = "lineage_start.json"
+START_RECORD = LINEAGE_START  # a bookkeeping file: never makes a directory "hold" a run
 
 
 def record_or_check_start(reference: str, output_dir: Path, resuming: bool, *, write: bool = True) -> None:
     """Keep the earlier run a run starts from fixed across ``--resume``.
 
-    A fresh run writes its start's lineage (``output_dir/lineage_start.json``; ``write=False`` on
+    A fresh run writes its start's lineage (``output_dir/.tunelab-lineage-start.json``; ``write=False`` on
     ranks other than 0); a resumed run compares the start as it is now with that record, so a base
     replaced (``--overwrite``) or edited while the run was paused is refused instead of silently
     continuing on other weights (the "before" numbers and the lineage would describe another model).

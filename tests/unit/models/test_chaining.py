@@ -303,3 +303,16 @@ def test_resume_refuses_a_start_run_replaced_while_paused(tmp_path, base_dir, sm
     record_or_check_start(str(base_dir), tmp_path / "plain", resuming=False) if (tmp_path / "plain").mkdir() \
         is None else None
     record_or_check_start(str(base_dir), tmp_path / "plain", resuming=True)  # a plain model: nothing to compare
+
+
+def test_the_start_record_and_bookkeeping_temp_files_never_make_a_directory_hold_a_run(tmp_path):
+    # A first attempt that failed after start_run (bad data) must leave a directory the next plain
+    # `tunelab train` accepts; a race's loser saw the winner's .tmp- lock-info file as foreign content.
+    from tunelab.training.outputs import check_output_dir
+    from tunelab.training.outputs.writes import LINEAGE_START
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LINEAGE_START).write_text("[]")
+    (out / ".tmp-.tunelab.lock-8579-abc.json").write_text("{}")
+    assert check_output_dir(out, resume=None, overwrite=False) is None

@@ -14,7 +14,7 @@ from tunelab.errors import OutputError, TunelabError
 from tunelab.training.outputs import writes
 from tunelab.training.outputs.lock import refuse_if_locked, run_lock
 from tunelab.training.outputs.writes import (
-    BOOKKEEPING, describe_os_error, nearest_existing, read_marker, write_marker, writing,
+    BOOKKEEPING, BOOKKEEPING_TMP, describe_os_error, nearest_existing, read_marker, write_marker, writing,
 )
 
 BEFORE_TRAINING = "before_training.json"
@@ -273,7 +273,8 @@ def holds_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _entries(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name not in BOOKKEEPING)
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name not in BOOKKEEPING and not p.name.startswith(BOOKKEEPING_TMP))
 
 
 def _existing(paths: Sequence[Path | str]) -> list[Path]:

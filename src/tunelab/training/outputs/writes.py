@@ -26,7 +26,9 @@ MARKER = ".tunelab-output.json"
 LOCK = ".tunelab.lock"
 LOCK_INFO = ".tunelab.lock.json"
 # Files tunelab keeps in an output directory for itself: they never make a directory "hold" anything.
-BOOKKEEPING = frozenset({MARKER, LOCK, LOCK_INFO})
+LINEAGE_START = ".tunelab-lineage-start.json"  # the earlier run a chained run started from (models/lineage.py)
+BOOKKEEPING = frozenset({MARKER, LOCK, LOCK_INFO, LINEAGE_START})
+BOOKKEEPING_TMP = ".tmp-.tunelab"  # prefix of a bookkeeping file being written (a race's loser may see it)
 # OS errors caused by the environment (disk, filesystem, permissions), reported without a traceback.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ETXTBSY})

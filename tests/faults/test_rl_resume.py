@@ -70,3 +70,34 @@ def test_sigterm_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, tiny
         heads = [load_file(p) for p in (tmp_path / "stopped").glob("value_head*.safetensors")]
         assert heads and all(torch.equal(heads[0][k], load_file(next((tmp_path / "whole").glob(
             "value_head*.safetensors")))[k]) for k in heads[0])
+
+
+def test_resume_on_other_training_prompts_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    # The RL step count points into the prompt order: edited data.train would resume on other prompts.
+    from tunelab.errors import TunelabError
+    from tunelab.recipes import grpo
+    from tunelab.rollout.checkpoints import prompts_fingerprint
+    from tunelab.rollout.prompts import Prompt
+
+    a = [Prompt([{"role": "user", "content": "1+1"}], [5, 6], {"answer": "2"})]
+    b = [Prompt([{"role": "user", "content": "1+1"}], [5, 6], {"answer": "3"})]  # a reward field edited
+    assert prompts_fingerprint(a) != prompts_fingerprint(b) and prompts_fingerprint(a) == prompts_fingerprint(list(a))
+    real_step, calls = grpo.grpo_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    config = rl_config(tmp_path, tiny_model_dir, "grpo", "stopped")
+    with monkeypatch.context() as mp:
+        mp.setattr(grpo, "grpo_step", step_then_sigterm)
+        with pytest.raises(RunInterrupted):
+            grpo.train(config, console=QUIET)
+    state_path = tmp_path / "stopped" / "checkpoints" / "step-000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["data_sha256"]
+    monkeypatch.setattr(grpo, "prompts_fingerprint", lambda prompts: "0" * 64)  # as if data.train was edited
+    with pytest.raises(TunelabError, match="--resume: the training prompts are not the ones checkpoint"):
+        grpo.train(config, resume=True, console=QUIET)

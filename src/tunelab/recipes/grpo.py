@@ -32,7 +32,7 @@ from tunelab.losses.advantages import grpo_advantages, masked_mean, masked_sums,
 from tunelab.losses.ppo import grpo_loss
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import finish_rl_run, start_rl_run
-from tunelab.rollout.checkpoints import RLCheckpoints
+from tunelab.rollout.checkpoints import RLCheckpoints, prompts_fingerprint
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
 from tunelab.rollout.evaluate import log_samples, sample_records
 from tunelab.rollout.rewards import compute_rewards
@@ -67,7 +67,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     generator = torch.Generator().manual_seed(tc.seed)  # mini-batch order: the same on every rank
     checkpoints = RLCheckpoints(output_dir, model, optimizer, scheduler, tc, dump_config(config),
                                 lambda: {"generator": generator.get_state()},
-                                lambda extra: generator.set_state(extra["generator"]), runtime=runtime)
+                                lambda extra: generator.set_state(extra["generator"]), runtime=runtime,
+                                data_sha256=prompts_fingerprint(session.train.prompts))
     first, log = checkpoints.start(resume_from, steps)
     with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop (all ranks
         # after the same step); trackers finish

@@ -42,7 +42,7 @@ from tunelab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from tunelab.models.value_head import ValueHead
 from tunelab.recipes.prepare import count_parameters, setup_trainable
 from tunelab.recipes.rl_start import finish_rl_run, start_rl_run
-from tunelab.rollout.checkpoints import RLCheckpoints
+from tunelab.rollout.checkpoints import RLCheckpoints, prompts_fingerprint
 from tunelab.rollout.batch import RolloutBatch, accumulate, optimizer_step, rollout
 from tunelab.rollout.evaluate import log_samples, sample_records
 from tunelab.rollout.rewards import compute_rewards
@@ -83,7 +83,8 @@ def train(config: Config, *, resume: bool | str | None = None, overwrite: bool =
     moments = RunningMoments() if rl.normalize_scores else None
     checkpoints = RLCheckpoints(output_dir, trainable_modules, optimizer, scheduler, tc, dump_config(config),
                                 lambda: _loop_state(generator, kl_ctl, moments),
-                                lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments), runtime=runtime)
+                                lambda extra: _restore_loop_state(extra, generator, kl_ctl, moments), runtime=runtime,
+                                data_sha256=prompts_fingerprint(session.train.prompts))
     first, log = checkpoints.start(resume_from, steps)
     with checkpoints.stop, closing(log):  # SIGTERM/SIGINT: finish the step, checkpoint it, stop (all ranks
         # after the same step); trackers finish

@@ -18,7 +18,9 @@ mini-batches are cut by ``world_size × batch_size``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,14 @@ from tunelab.training.outputs import writing_checkpoint
 from tunelab.training.resume import check_resumed_config
 
 
+def prompts_fingerprint(prompts: Sequence[Any]) -> str:
+    """SHA-256 of the training prompts in order: token ids and source records (reward fields included)."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps([prompt.input_ids, prompt.example], sort_keys=True, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
 class RLCheckpoints:
     """The checkpointing side of one RL run.
 
@@ -48,10 +58,11 @@ class RLCheckpoints:
 
     def __init__(self, output_dir: Path, trainable: nn.Module, optimizer, scheduler, cfg: TrainConfig,
                  config_yaml: str, get_extra: Callable[[], dict[str, Any]], set_extra: Callable[[dict], None],
-                 runtime: Runtime | None = None):
+                 runtime: Runtime | None = None, data_sha256: str | None = None):
         self.output_dir, self.trainable, self.optimizer, self.scheduler = output_dir, trainable, optimizer, scheduler
         self.cfg, self.config_yaml, self.get_extra, self.set_extra = cfg, config_yaml, get_extra, set_extra
         self.runtime = runtime or single_process()
+        self.data_sha256 = data_sha256  # the training prompts (prompts_fingerprint); checked on resume
         self.stop = StopSignals()
         self.start_step = 0
 
@@ -81,6 +92,11 @@ class RLCheckpoints:
         self.scheduler.base_lrs = base_lrs
         for group, base_lr, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = base_lr, base_lr * factor(self.scheduler.last_epoch)
+        if state.data_sha256 is not None and self.data_sha256 is not None and state.data_sha256 != self.data_sha256:
+            raise TunelabError(
+                f"--resume: the training prompts are not the ones checkpoint {resume_from} was trained on (sha256 "
+                f"{state.data_sha256[:12]}… then, {self.data_sha256[:12]}… now): data.train was edited; the step "
+                "count would point at other prompts. Restore the data to resume, or start again with --overwrite")
         self.set_extra(load_extra(resume_from))
         if state.step >= steps and run_finished(self.output_dir, state.step):
             raise TunelabError(f"--resume: {resume_from} is at step {state.step} and this config plans {steps} "
@@ -107,7 +123,7 @@ class RLCheckpoints:
         """Write the checkpoint of ``step`` RL steps done."""
         with writing_checkpoint(self.output_dir, step):
             return save_checkpoint(self.output_dir, self.trainable, self.optimizer, self.scheduler,
-                                   TrainState(step=step), self.config_yaml, self.cfg.keep_last,
+                                   TrainState(step=step, data_sha256=self.data_sha256), self.config_yaml, self.cfg.keep_last,
                                    runtime=self.runtime, extra=self.get_extra())
 
     def after_step(self, step: int, steps: int) -> None:

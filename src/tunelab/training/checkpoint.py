@@ -54,7 +54,8 @@ class TrainState:
     ``micro_batches_per_step`` is ``grad_accum × world_size``. Both are None in older checkpoints.
     With ``train.metric_for_best`` (:mod:`tunelab.training.selection`): ``best_step`` and ``best_value``
     of the best evaluation so far (its checkpoint is never pruned), ``evals_since_best`` for early
-    stopping, and ``stopped_early`` once it stopped the run.
+    stopping, and ``stopped_early`` once it stopped the run. ``data_sha256`` and
+    ``micro_batches_per_epoch`` describe the training data, checked on resume.
     """
 
     step: int = 0
@@ -65,6 +66,8 @@ class TrainState:
     best_value: float | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    data_sha256: str | None = None  # the training data (epoch 0's micro-batches; training/loop.check_same_data)
+    micro_batches_per_epoch: int | None = None
 
 
 def save_checkpoint(

@@ -22,6 +22,7 @@ end the run, and the best weights are loaded back at the end (:mod:`tunelab.trai
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from contextlib import closing, nullcontext
@@ -133,9 +134,13 @@ def fit(
     if tracker is not None and evaluate is None:
         raise TunelabError(f"train.metric_for_best={cfg.metric_for_best} needs held-out data to evaluate: set "
                            "data.validation or data.val_fraction, or remove train.metric_for_best")
-    state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size)
+    batches = _BatchStream(plan)
+    data_sha256 = batches.fingerprint()  # what the run trains on; a resume must train on the same
+    state = TrainState(micro_batch_size=cfg.batch_size, micro_batches_per_step=cfg.grad_accum * runtime.world_size,
+                       data_sha256=data_sha256, micro_batches_per_epoch=plan.micro_batches_per_epoch)
     if resume_from is not None:
         state = _resume(resume_from, model, optimizer, scheduler, cfg, runtime, config_yaml)
+        check_same_data(resume_from, state, data_sha256, plan.micro_batches_per_epoch)
         _refuse_finished(resume_from, state, num_steps, output_dir)
     else:
         if runtime.is_main:
@@ -144,7 +149,6 @@ def fit(
             torch.manual_seed(cfg.seed + 1_000_003 * runtime.rank)  # different dropout masks per rank
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None,
                      report_to=cfg.report_to, config_yaml=config_yaml) if runtime.is_main else None
-    batches = _BatchStream(plan)
 
     model.train()
     # Resumed at the last step or after an early stop: the final files were never written (see _refuse_finished).
@@ -282,6 +286,27 @@ def _resume(path: Path, model, optimizer, scheduler, cfg: TrainConfig, runtime: 
     return state
 
 
+def check_same_data(path: Path, state: TrainState, data_sha256: str, micro_batches_per_epoch: int) -> None:
+    """A resumed run must train on the data the checkpoint was trained on.
+
+    The data position is a count of micro-batches: with a data file edited, or a file added to or
+    removed from a folder source, the same count points at other examples, so a resume would
+    silently skip some, repeat others and mix two datasets in one model.
+
+    Raises:
+        TunelabError: the fingerprints differ (checkpoints from before it was recorded are not checked).
+    """
+    if state.data_sha256 is None or state.data_sha256 == data_sha256:
+        state.data_sha256, state.micro_batches_per_epoch = data_sha256, micro_batches_per_epoch
+        return
+    raise TunelabError(
+        f"--resume: the training data is not the data checkpoint {path} was trained on (sha256 "
+        f"{state.data_sha256[:12]}… then, {data_sha256[:12]}… now; {state.micro_batches_per_epoch} → "
+        f"{micro_batches_per_epoch} micro-batches per epoch): a data file was edited, or files were added to or "
+        "removed from a folder source (`tunelab data inspect` lists them). Restore the data to resume, or start "
+        "again with --overwrite")
+
+
 def check_same_step_size(path: Path, state: TrainState, grad_accum: int, world_size: int) -> None:
     """A resumed run must take as many micro-batches per optimizer step as the checkpointed one.
 
@@ -358,6 +383,23 @@ class _BatchStream:
 
     def __init__(self, plan: BatchPlan):
         self.plan, self.epoch, self.batches = plan, -1, []
+
+    def fingerprint(self) -> str:
+        """SHA-256 of epoch 0's micro-batches (every tensor's bytes and every scalar, in order): the
+        examples the run trains on and their order. Epoch 0 stays built for the first steps."""
+        if self.epoch != 0:
+            self.epoch, self.batches = 0, self.plan.make_epoch(0)
+        digest = hashlib.sha256()
+        for batch in self.batches:
+            for key in sorted(batch):
+                value = batch[key]
+                digest.update(key.encode() + b"\0")
+                if isinstance(value, torch.Tensor):
+                    digest.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+                    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                else:
+                    digest.update(repr(value).encode())
+        return digest.hexdigest()
 
     def get(self, index: int) -> Batch:
         epoch, offset = divmod(index, self.plan.micro_batches_per_epoch)

@@ -134,7 +134,8 @@ def tokenize_records(
 
     Texts over ``max_seq_len`` tokens are truncated on ``cc.truncation_side`` or, with
     ``overlong='drop'``, dropped. Pairs use the tokenizer's pair template when it has one (BERT:
-    ``[CLS] a [SEP] b [SEP]`` with token types), else ``a + "\\n\\n" + b``.
+    ``[CLS] a [SEP] b [SEP]`` with token types), else ``a + "\\n\\n" + b``; truncation of a joined pair
+    cuts ``b`` (on ``cc.truncation_side``) before it touches ``a``, as a pair template's would.
 
     Raises:
         DataError: a record lacks a text (or label) field, or has an invalid label; names the record.
@@ -146,16 +147,16 @@ def tokenize_records(
         here = f"{where} record #{i}"
         text = _text_of(record, cc.text_field, here)
         pair = _text_of(record, cc.text_pair_field, here) if cc.text_pair_field else None
-        if pair is not None and not native_pairs:
-            text, pair = f"{text}\n\n{pair}", None
+        joined = pair is not None and not native_pairs
         target = labels.encode(_label_of(record, cc, here), here) if labels is not None else None
-        encoded = tokenizer(text, pair)
+        encoded = tokenizer(f"{text}\n\n{pair}") if joined else tokenizer(text, pair)
         if len(encoded["input_ids"]) > max_seq_len:
             if overlong == "drop":
                 stats.num_dropped += 1
                 continue
             stats.num_truncated += 1
-            encoded = _truncated(tokenizer, text, pair, max_seq_len, cc.truncation_side)
+            encoded = (_truncated_joined(tokenizer, text, pair, max_seq_len, cc.truncation_side) if joined
+                       else _truncated(tokenizer, text, pair, max_seq_len, cc.truncation_side))
         ids = list(encoded["input_ids"])
         types = list(encoded["token_type_ids"]) if "token_type_ids" in encoded else None
         out.append(ClassificationExample(ids, types, target))
@@ -337,6 +338,27 @@ def _truncated(tokenizer: Any, text: str, pair: str | None, max_seq_len: int, si
         return tokenizer(text, pair, truncation=True, max_length=max_seq_len)
     finally:
         tokenizer.truncation_side = previous
+
+
+def _truncated_joined(tokenizer: Any, text: str, pair: str, max_seq_len: int, side: str) -> Any:
+    """``text + "\\n\\n" + pair`` in at most ``max_seq_len`` tokens, cutting only ``pair`` (on ``side``).
+
+    A tokenizer without a pair template (decoder LLMs) gets the two texts joined; truncating the
+    joined string from the left would cut the *first* text (the question) away before any of the
+    second. The pair's tokens are cut instead, and the first text is cut (on ``side``) only when it
+    alone does not fit.
+    """
+    head = f"{text}\n\n"
+    budget = max_seq_len - len(tokenizer(head)["input_ids"])
+    pair_ids = tokenizer(pair, add_special_tokens=False)["input_ids"]
+    while budget > 0:
+        kept = pair_ids[-budget:] if side == "left" else pair_ids[:budget]
+        encoded = tokenizer(head + tokenizer.decode(kept))
+        over = len(encoded["input_ids"]) - max_seq_len
+        if over <= 0:
+            return encoded
+        budget -= over  # re-tokenizing at the join can merge differently: shrink and retry
+    return _truncated(tokenizer, head.rstrip(), None, max_seq_len, side)
 
 
 def _has_pair_template(tokenizer: Any) -> bool:

@@ -81,6 +81,24 @@ def test_pairs_for_a_decoder_are_joined_with_a_blank_line(smollm2_tokenizer):
     assert ex.input_ids == smollm2_tokenizer("first\n\nsecond")["input_ids"] and ex.token_type_ids is None
 
 
+@pytest.mark.parametrize("tokenizer_name", ["smollm2_tokenizer", "bert_tokenizer"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_truncated_pair_keeps_its_first_text_for_decoders_and_encoders(request, tokenizer_name, side):
+    # PubMedQA-style question + abstract on a decoder with truncation_side: left used to keep only the
+    # end of the abstract: the joined string lost the question first (breaker, issue 18).
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    question = "Does aspirin reduce the risk of stroke in adults?"
+    context = " ".join(f"sentence{i} of the abstract." for i in range(60))
+    cc = ClassificationConfig(text_field="q", text_pair_field="c", truncation_side=side)
+    (ex,), stats = tokenize_records([{"q": question, "c": context, "label": "x"}], tokenizer, cc,
+                                    space([], labels=["x", "y"]), max_seq_len=48, overlong="truncate", where="p")
+    text = tokenizer.decode(ex.input_ids, skip_special_tokens=True)
+    assert stats.num_truncated == 1 and len(ex.input_ids) <= 48
+    assert "does aspirin reduce the risk of stroke in adults?" in text.lower()
+    kept = "sentence59" if side == "left" else "sentence0 "
+    assert kept in text + " "
+
+
 def test_truncation_side_and_drop(smollm2_tokenizer):
     text = " ".join(f"w{i}" for i in range(40))
     full = smollm2_tokenizer(text)["input_ids"]

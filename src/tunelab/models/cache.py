@@ -20,6 +20,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tunelab.errors import ModelLoadError
+from tunelab.training.outputs.writes import ENVIRONMENT_ERRNOS, describe_os_error
+
 DONE_MARKER = ".tunelab-complete"
 
 
@@ -44,10 +47,24 @@ def build_once(target: Path, build: Callable[[Path], Path], *, marker: str = DON
 
     Raises:
         whatever ``build`` raises (nothing is installed then; the temporary directory is removed);
-        OSError: the cache folder cannot be created or written (e.g. a full disk).
+        ModelLoadError: the cache folder cannot be created or written (a full disk, no permission),
+            naming it and ``TUNELAB_CACHE``.
     """
     if is_complete(target, marker):
         return target
+    try:
+        return _build(target, build, marker, stamp)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        # a full or read-only cache is the cache's problem: say so (the output_dir is not involved)
+        raise ModelLoadError(
+            f"cannot write the model cache {target.parent} ({describe_os_error(err)}"
+            f"{': ' + str(err.filename) if err.filename else ''}); free space there or point TUNELAB_CACHE at a "
+            "writable directory with room for the model") from None
+
+
+def _build(target: Path, build: Callable[[Path], Path], marker: str, stamp: str) -> Path:
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)

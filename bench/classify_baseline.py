@@ -125,7 +125,7 @@ def tunelab_result(run_dir: str, data: str = DATA, base: dict[str, Any] | None =
     metrics = evaluate_run(Path(run_dir), data, split=split, batch_size=32)
     with tempfile.TemporaryDirectory() as tmp:
         predict_run(Path(run_dir), data, Path(tmp) / "p.jsonl", split=split, batch_size=32)
-        pred = [json.loads(line)["prediction"] for line in (Path(tmp) / "p.jsonl").read_text().splitlines()]
+        pred = [json.loads(line)["prediction"] for line in (Path(tmp) / "p.jsonl").read_text().split("\n") if line]
     ci = bootstrap(base["gold"], pred, base["predictions"]) if base else {}
     return {"name": f"tunelab {info['base_model']} ({info['method']}), `{run_dir}`", "run": run_dir,
             "ci95": ci, "predictions": pred,

@@ -146,7 +146,7 @@ def run_recipe(task: str, config) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - the check reports every recipe, then fails
         return {"task": task, "ok": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
     out = Path(config.output_dir)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split("\n") if line]
     losses = [r["loss"] for r in records if "loss" in r]
     sharded = (out / "checkpoints" / "step-000002" / ".metadata").is_file()
     return {"task": task, "ok": sharded and bool(losses) and all(map(_finite, losses)),

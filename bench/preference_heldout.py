@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "scores.jsonl"
             score_pairs(Path(args.run), args.data, args.name, args.split, 16, None, out, 0, Console(quiet=True))
-            scores = [json.loads(line) for line in out.read_text().splitlines()]
+            scores = [json.loads(line) for line in out.read_text().split("\n") if line]
         if len(scores) != len(records):
             raise SystemExit(f"{args.run}: scored {len(scores)} of {len(records)} pairs (some were dropped)")
         model = [1.0 if s["chosen_score"] > s["rejected_score"] else 0.0 for s in scores]

@@ -55,7 +55,7 @@ def run_tunelab_setting(name: str, steps: int, threads: int) -> dict:
         started = time.perf_counter()
         results = train(config, console=Console(stderr=True))
         wall = time.perf_counter() - started
-        steps_log = [json.loads(line) for line in (pathlib.Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+        steps_log = [json.loads(line) for line in (pathlib.Path(out) / "run" / "metrics.jsonl").read_text().split("\n") if line]
     records = [r for r in steps_log if "tokens" in r and "step_s" in r]
     measured = records[1:] or records
     tokens, seconds = sum(r["tokens"] for r in measured), sum(r["step_s"] for r in measured)

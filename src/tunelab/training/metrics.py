@@ -31,7 +31,7 @@ class MetricsLog:
             if resume_step is None:
                 path.write_text("")
             elif path.exists():
-                kept = [line for line in path.read_text().splitlines()
+                kept = [line for line in path.read_text().split("\n")
                         if line and json.loads(line).get("step", 0) <= resume_step]
                 with atomic_file(path) as tmp:
                     tmp.write_text("".join(line + "\n" for line in kept))
@@ -63,7 +63,7 @@ class MetricsLog:
 
     def read(self) -> list[dict[str, Any]]:
         """All records so far."""
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in self.path.read_text().split("\n") if line]
 
 
 def read_new_records(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

@@ -265,3 +265,16 @@ def test_every_step_of_a_training_run_and_an_rl_run_reaches_the_tracker(tmp_path
     log.close()
     events = EventAccumulator(str(tmp_path / "rl" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.25), (2, 0.5)]
+
+
+def test_jsonl_records_with_unicode_line_separators_survive_reading_and_a_resume_trim(tmp_path):
+    # samples.jsonl is written with ensure_ascii=False; str.splitlines() also splits at U+2028/U+2029/U+0085,
+    # which JSON leaves unescaped, so a resume (and bench readers of `tunelab predict` output on PubMedQA
+    # abstracts) failed with "Unterminated string".
+    path = tmp_path / "samples.jsonl"
+    lines = [{"step": 1, "text": "a\u2028b"}, {"step": 2, "text": "c\u2029d\x85e"}, {"step": 3, "text": "f"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    log = MetricsLog(path, resume_step=2)
+    log.close()
+    assert [json.loads(line) for line in path.read_text().split("\n") if line] == lines[:2]
+    assert log.read() == lines[:2]

@@ -59,6 +59,12 @@ def present_fields(record: dict[str, Any]) -> list[str]:
     return sorted(key for key, value in record.items() if value is not None)
 
 
+def _one_file_glob(path: Path) -> str:
+    """A glob matching only ``path`` (its last character as a one-letter class: 'a.py' -> 'a.p[y]')."""
+    text = str(path)
+    return f"{text[:-1]}[{text[-1]}]" if text else text
+
+
 def _load_local(path: Path) -> list[dict[str, Any]]:
     """Records of a local file; an empty file (no records) is an error naming the file."""
     if path.is_dir():
@@ -67,7 +73,9 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {list(LOCAL_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {list(LOCAL_SUFFIXES)}, or, to "
+                        f"train on the raw text of source or text files, a folder or a glob that matches them "
+                        f"(e.g. '{path.parent / ('*' + path.suffix)}'; one file: '{_one_file_glob(path)}')")
     try:
         if path.suffix == ".jsonl":
             records = read_jsonl(path)

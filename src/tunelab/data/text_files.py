@@ -69,10 +69,15 @@ def find_text_files(spec: str) -> list[TextFile]:
         found = [p for p in root.rglob("*") if p.is_file() and not _skipped(p.relative_to(root))]
     else:
         found = [Path(p) for p in glob.glob(str(root / pattern), recursive=True) if Path(p).is_file()]
-    files = {}
-    for path in found:
+    files: dict[str, TextFile] = {}
+    seen: set[Path] = set()
+    for path in sorted(found, key=lambda p: (len(p.parts), str(p))):  # shortest path first
+        real = path.resolve()
+        if real in seen:
+            continue  # the same file again through a symlink (a symlink loop matched it many times)
+        seen.add(real)
         key = path.relative_to(root).as_posix()
-        files[key] = TextFile(key, f"{shown}/{key}" if shown else str(path), path.resolve())
+        files[key] = TextFile(key, f"{shown}/{key}" if shown else str(path), real)
     if not files:
         raise DataError(f"data source '{spec}' matched no files (looked in {root.resolve()}); check the pattern "
                         "(glob syntax: ** = any folders, e.g. 'corpus/**/*.py')")

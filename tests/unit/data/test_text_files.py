@@ -153,3 +153,15 @@ def test_errors_name_the_pattern_and_the_file(tmp_path):
                                 validation=DataSource(path=f"{corpus}/pkg1/*")), tok, 0)
     with pytest.raises(DataError, match="data.format must be 'text' or 'auto'"):
         prepare_data(_cfg(f"{corpus}/**/*.py", format="messages"), tok, 0)
+
+
+def test_a_symlink_loop_matches_each_file_once_and_one_source_file_gets_a_glob_hint(tmp_path):
+    # A loop (corpus/pkg0/loop -> corpus) made '**' match one file dozens of times (breaker, issue 18).
+    corpus = _tree(tmp_path, num_files=6)
+    (corpus / "pkg0" / "loop").symlink_to(corpus, target_is_directory=True)
+    keys = [f.key for f in find_text_files(f"{corpus}/**/*.py")]
+    assert sorted(keys) == sorted(f"pkg{i % 3}/mod{i}.py" for i in range(6))
+    one = corpus / "pkg1" / "mod1.py"
+    with pytest.raises(DataError, match=r"unsupported file type '\.py'.*a folder or a glob .*one file: '.*mod1\.p\[y\]'"):
+        prepare_data(_cfg(one), byte_bpe_tokenizer(), 0)
+    assert [f.key for f in find_text_files(f"{corpus}/pkg1/mod1.p[y]")] == ["mod1.py"]

@@ -126,7 +126,25 @@ def merge(
     if stop_ids:
         log_stop_ids(console, out, tokenizer, stop_ids)
     how = f" (into the dequantized {quantized['format']} base it was trained on)" if quantized else ""
-    console.print(f"[bold green]merged[/] {run_dir} into {out}{how} (loads with AutoModelForCausalLM.from_pretrained)")
+    causal = info.get("task_type", "CAUSAL_LM") == "CAUSAL_LM"
+    loader = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    console.print(f"[bold green]merged[/] {run_dir} into {out}{how} (loads with {loader}.from_pretrained)")
+    pooling = _run_pooling(run_dir)
+    if not causal and pooling == "mean":
+        console.print("[yellow]note:[/] this classifier was trained with classification.pooling: mean; transformers' "
+                      "own head reads the first token, so AutoModelForSequenceClassification scores of the merged model differ "
+                      f"from training; tunelab predict/eval on {run_dir} apply the run's pooling")
+
+
+def _run_pooling(run_dir: Path) -> str | None:
+    """``classification.pooling`` of the run's config.yaml, if any."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return ((config.get("classification") or {}) if isinstance(config, dict) else {}).get("pooling")
 
 
 def merged_run_info(run_dir: Path, info: dict) -> dict:

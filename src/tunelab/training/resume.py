@@ -87,7 +87,8 @@ def resume_checkpoint(output_dir: Path, say: Callable[[str], None] = _warn) -> P
     clean_leftovers(output_dir, say)
     candidates = step_dirs(output_dir)
     if not candidates:
-        raise TunelabError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}")
+        raise TunelabError(f"--resume: no checkpoint in {output_dir / 'checkpoints'} yet (the run stopped before its first "
+                           "checkpoint, train.save_every): start it again with --overwrite")
     damaged = []
     for path in reversed(candidates):
         problems = manifest_problems(path)

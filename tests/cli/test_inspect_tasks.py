@@ -83,3 +83,16 @@ def test_text_file_sources_show_file_names_per_split(tmp_path):
     assert f"train example 0 from {corpus}/sub/mod" in out
     assert "train files: 3" in out and "held-out files: 1" in out
     assert sum(f"{corpus}/sub/mod{i}.py" in out for i in range(4)) == 4
+
+
+def test_text_sources_show_the_stride_not_conversation_settings_and_count_duplicate_files_apart(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.py", "b.py", "copy_of_a.py", "d.py", "e.py"):
+        (corpus / name).write_text((corpus / "a.py").read_text() if name == "copy_of_a.py" else
+                                   f"def {name[0]}():\n    return '{name}'\n" * 3)
+    out = run_inspect(tmp_path, f"data: {{train: {{path: '{corpus}/*.py'}}, val_fraction: 0.2, max_seq_len: 32, "
+                                "chunk_stride: 20}\n")
+    assert "chunk_stride 20" in out and "targets" in out
+    assert "legend: supervised" not in out and "rendering" not in out
+    assert "whose chunks all duplicate others" in out

@@ -35,12 +35,19 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
         by_task[config.task](config, tokenizer, num_examples, console)
         return
     data = prepare_data(config.data, tokenizer, config.train.seed)
-    console.print(f"[bold]format[/] {data.format}   [bold]max_seq_len[/] {config.data.max_seq_len}   "
-                  f"[bold]supervise[/] {config.data.supervise}   legend: [black on green]supervised[/] / plain = context")
-    console.print(f"[bold]rendering[/] {rendering_note(config.data.supervise, data.train_stats)}")
+    if data.format == "text":  # raw text: no conversations, no supervise setting; chunks share context tokens
+        stride = config.data.chunk_stride or config.data.max_seq_len - 1
+        console.print(f"[bold]format[/] text   [bold]max_seq_len[/] {config.data.max_seq_len}   [bold]chunk_stride[/] "
+                      f"{stride}   legend: [black on green]target[/] / plain = context shared with the previous chunk")
+    else:
+        console.print(f"[bold]format[/] {data.format}   [bold]max_seq_len[/] {config.data.max_seq_len}   "
+                      f"[bold]supervise[/] {config.data.supervise}   legend: [black on green]supervised[/] / plain = "
+                      "context")
+        console.print(f"[bold]rendering[/] {rendering_note(config.data.supervise, data.train_stats)}")
     for i, example in enumerate(data.train[:num_examples]):
         source = f" from {example.source}" if example.source else ""
-        console.rule(f"train example {i}{source}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
+        what = "targets" if data.format == "text" else "supervised"
+        console.rule(f"train example {i}{source}: {len(example.input_ids)} tokens, {example.num_supervised} {what}")
         console.print(render_supervision(tokenizer, example))
     _print_stats(console, (("train", data.train_stats), ("held-out", data.validation_stats)))
     for name, stats in (("train", data.train_stats), ("held-out", data.validation_stats)):
@@ -51,7 +58,9 @@ def inspect_data(config: Config, num_examples: int, console: Console) -> None:
 def files_table(title: str, chunks_per_file, limit: int = 50) -> Table:
     """The files of one split (text-file sources) with their chunk counts after deduplication; the
     first ``limit`` by name, then how many more."""
-    table = Table(title=f"{title}: {len(chunks_per_file)}")
+    kept = sum(n > 0 for n in chunks_per_file.values())
+    dropped = len(chunks_per_file) - kept
+    table = Table(title=f"{title}: {kept}" + (f" (+ {dropped} whose chunks all duplicate others)" if dropped else ""))
     table.add_column("file")
     table.add_column("chunks")
     names = sorted(chunks_per_file)

@@ -217,7 +217,7 @@ def record_or_check_start(reference: str, output_dir: Path, resuming: bool, *, w
         return  # a run from before this record existed
     then = json.loads(path.read_text())
     key = "model_files_sha256"
-    if [(e["output_dir"], e.get(key)) for e in then] != [(e["output_dir"], e.get(key)) for e in lineage]:
+    if [e.get(key) for e in then] != [e.get(key) for e in lineage]:  # by content: a moved run tree still resumes
         was = then[-1] if then else {"output_dir": "a model that is no run"}
         raise ModelLoadError(
             f"--resume: this run started from {was['output_dir']} (sha256 {str(was.get(key))[:12]}…), but "

@@ -131,7 +131,7 @@ def tunelab_result(run_dir: str, data: str = DATA, base: dict[str, Any] | None =
             "ci95": ci, "predictions": pred,
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_seconds": res["fit_seconds"],
             "per_class_f1": {k: round(v["f1"], 4) for k, v in metrics["per_class"].items()},
-            "confusion_matrix": metrics["confusion_matrix"],
+            "confusion_matrix": metrics["confusion_matrix"], "labels": metrics.get("labels"),
             "detail": (f"{res['steps']} steps, best step {res['best_step']} by held-out {res['metric_for_best']} "
                        f"{res['held_out_best'][res['metric_for_best']]:.4f}" if res.get("best_step") is not None
                        else f"{res['steps']} steps on all {res['train']['examples']} training reviews, final weights "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -32,7 +31,7 @@ import torch
 from tunelab.errors import ModelLoadError
 from tunelab.models.attention import resolve_attn_implementation
 from tunelab.models.cache import build_once
-from tunelab.models.split_archive import SplitArchive, assemble
+from tunelab.models.split_archive import SplitArchive, assemble, file_sha256
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ def convert_gguf(gguf_path: Path) -> Path:
 
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    digest = _sha256(gguf_path)
+    digest = file_sha256(gguf_path)
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
     if (target / "config.json").is_file():  # installed by an atomic rename: complete (also pre-marker entries)
         return target
@@ -326,11 +325,3 @@ def _quiet_load_report(quiet: bool):
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -8,13 +8,14 @@ A job is a plain dict (it pickles into spawned workers): ``name``, the raw confi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+
+from tests.distributed.workers import join_gloo
 
 WORDS = {"pos": ["great", "good", "wonderful", "helped"], "neg": ["awful", "bad", "terrible", "worse"],
          "neu": ["okay", "average", "unsure", "mixed"]}
@@ -95,10 +96,7 @@ def interrupt_after(output_dir: Path, step: int) -> None:
 
 def worker(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str) -> None:
     """One of ``world_size`` processes: joins a gloo group as torchrun would, runs every job's recipe."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    join_gloo(rank, world_size, port)
     try:
         for job in jobs:
             output_dir = Path(job["config"]["output_dir"])

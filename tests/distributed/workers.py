@@ -70,12 +70,17 @@ class _nothing:
         return False
 
 
-def worker(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str) -> None:
-    """One of ``world_size`` processes: joins a gloo group the way torchrun would and runs ``jobs`` in order."""
+def join_gloo(rank: int, world_size: int, port: int) -> None:
+    """Join a local gloo group the way torchrun would (its environment variables), one thread per rank."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+
+
+def worker(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str) -> None:
+    """One of ``world_size`` processes: joins a gloo group the way torchrun would and runs ``jobs`` in order."""
+    join_gloo(rank, world_size, port)
     try:
         for job in jobs:
             runtime = init_distributed(DistributedConfig(strategy=job["strategy"]))
